@@ -1,0 +1,104 @@
+"""Expert feed-forward networks, all E of them held as 3-D weight tensors.
+
+Weights are used as `x @ W`: w_gate, w_up [E, d, h], w_down [E, h, d]. With rows sorted by
+expert (see `minimoe.dispatch`), the E matrix products become one grouped matmul over
+contiguous row blocks: `torch.nn.functional.grouped_mm` where it supports the dtype and
+widths, else one matmul per expert block. Never a Python loop over tokens.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minimoe import _checks
+
+ACTIVATIONS = ("swiglu", "gelu", "relu")
+
+
+def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """grouped_mm takes fp32/bf16/fp16 (bf16 only on CUDA) with row strides of 16-byte multiples."""
+    dtypes = (torch.bfloat16,) if x.is_cuda else (torch.float32, torch.bfloat16, torch.float16)
+    aligned = all(n * x.element_size() % 16 == 0 for n in w.shape[1:])
+    return (hasattr(F, "grouped_mm") and x.device.type in ("cpu", "cuda") and x.dtype in dtypes
+            and w.dtype == x.dtype and aligned)
+
+
+def _matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+    """x [S, a] @ w: w [a, b] for a dense FFN, or w [E, a, b] applied to consecutive row blocks
+    of sizes counts [E]."""
+    if counts is None:
+        return x @ w
+    if _grouped_mm_supported(x, w):
+        return F.grouped_mm(x.contiguous(), w, offs=torch.cumsum(counts, 0).to(torch.int32))
+    return torch.cat([rows @ w_e for rows, w_e in zip(x.split(counts.tolist()), w)])
+
+
+def feed_forward(x, w_up, w_down, w_gate=None, activation="swiglu", counts=None):
+    """The FFN of one expert ([a, b] weights) or of E experts on sorted rows ([E, a, b] weights,
+    counts [E] rows per expert).
+
+    swiglu: (silu(x W_gate) * x W_up) W_down    (Shazeer 2020, used by Mixtral and DeepSeek)
+    gelu / relu: act(x W_up) W_down
+    """
+    up = _matmul(x, w_up, counts)
+    if activation == "swiglu":
+        hidden = F.silu(_matmul(x, w_gate, counts)) * up
+    elif activation == "gelu":
+        hidden = F.gelu(up)
+    else:
+        hidden = F.relu(up)
+    return _matmul(hidden, w_down, counts)
+
+
+def _init_uniform(shape: tuple, fan_in: int) -> nn.Parameter:
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as nn.Linear initialises its weight."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+
+
+class Experts(nn.Module):
+    """E independent FFNs. forward(x_sorted [S, d], tokens_per_expert [E]) -> [S, d]."""
+
+    def __init__(self, num_experts: int, d_model: int, d_hidden: int, activation: str = "swiglu"):
+        super().__init__()
+        self.num_experts = _checks.positive_int("num_experts", num_experts)
+        self.d_model = _checks.positive_int("d_model", d_model)
+        self.d_hidden = _checks.positive_int("d_hidden", d_hidden)
+        self.activation = _checks.choice("activation", activation, ACTIVATIONS)
+        E, d, h = num_experts, d_model, d_hidden
+        self.w_gate = _init_uniform((E, d, h), d) if activation == "swiglu" else None
+        self.w_up = _init_uniform((E, d, h), d)
+        self.w_down = _init_uniform((E, h, d), h)
+
+    def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        _checks.tensor("x_sorted", x_sorted, ndim=2)
+        if x_sorted.shape[1] != self.d_model:
+            raise ValueError(f"x_sorted must have {self.d_model} columns (d_model), got {x_sorted.shape[1]}")
+        _checks.tensor("tokens_per_expert", tokens_per_expert, ndim=1)
+        _checks.same_shape("tokens_per_expert", tokens_per_expert, (self.num_experts,), "num_experts")
+        if int(tokens_per_expert.sum()) != x_sorted.shape[0]:
+            raise ValueError(f"tokens_per_expert must sum to the {x_sorted.shape[0]} rows of x_sorted, "
+                             f"got {int(tokens_per_expert.sum())}")
+        return feed_forward(x_sorted, self.w_up, self.w_down, self.w_gate, self.activation, tokens_per_expert)
+
+
+class FeedForward(nn.Module):
+    """A dense FFN with the same weight layout as one expert: w_gate, w_up [d, h], w_down [h, d].
+    Used for shared experts and dense baselines. forward(x [..., d]) -> [..., d]."""
+
+    def __init__(self, d_model: int, d_hidden: int, activation: str = "swiglu"):
+        super().__init__()
+        self.d_model = _checks.positive_int("d_model", d_model)
+        self.d_hidden = _checks.positive_int("d_hidden", d_hidden)
+        self.activation = _checks.choice("activation", activation, ACTIVATIONS)
+        self.w_gate = _init_uniform((d_model, d_hidden), d_model) if activation == "swiglu" else None
+        self.w_up = _init_uniform((d_model, d_hidden), d_model)
+        self.w_down = _init_uniform((d_hidden, d_model), d_hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _checks.tensor("x", x)
+        if x.dim() == 0 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
+        return feed_forward(x, self.w_up, self.w_down, self.w_gate, self.activation)

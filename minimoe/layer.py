@@ -1,0 +1,115 @@
+"""The MoE layer: route, dispatch, run the experts, combine; plus shared experts and the
+router losses and statistics of the last call."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from minimoe import _checks
+from minimoe.dispatch import POLICIES, expert_capacity, make_plan, permute, unpermute
+from minimoe.experts import Experts, FeedForward
+from minimoe.losses import load_balancing_loss, router_z_loss
+from minimoe.metrics import load_entropy
+from minimoe.routing import ExpertChoiceRouter, Router, TopKRouter
+
+BACKENDS = ("torch",)
+
+
+@dataclass
+class MoEStats:
+    """Detached routing statistics of one forward call.
+
+    tokens_per_expert  [E] assignments the router sent to each expert, before capacity
+    load               [E] the same as fractions (sums to 1)
+    dropped_fraction   share of assignments dropped by capacity (0 when dropless)
+    load_entropy       entropy of `load` / log E: 1 = perfectly even, 0 = one expert takes all
+    """
+
+    tokens_per_expert: torch.Tensor
+    load: torch.Tensor
+    dropped_fraction: float
+    load_entropy: float
+
+
+class MoELayer(nn.Module):
+    """A sparse FFN. forward(x [..., d_model]) -> same shape.
+
+    router: any `minimoe.routing.Router`; default TopKRouter(d_model, num_experts, k).
+    capacity_factor: None is dropless; otherwise each expert takes at most
+        ceil(k * T * capacity_factor / E) assignments, chosen by drop_policy ("position" or
+        "score"); a dropped assignment adds nothing (the residual stream carries the token).
+    num_shared_experts: always-on experts of width d_hidden (DeepSeekMoE), stored as one dense
+        FFN of width num_shared_experts * d_hidden, which computes exactly their sum.
+    After each call: `aux_loss` (Switch load balancing) and `z_loss` (router z-loss) are
+    differentiable scalars; `stats` is a detached `MoEStats`. The layer never updates the
+    router's balancing bias itself: call `layer.router.update_bias(layer.stats.tokens_per_expert)`
+    once per training step for aux-loss-free balancing.
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, num_experts: int, k: int = 2, *,
+                 router: Router | None = None, capacity_factor: float | None = None,
+                 drop_policy: str = "position", num_shared_experts: int = 0,
+                 activation: str = "swiglu", backend: str = "torch"):
+        super().__init__()
+        self.d_model = _checks.positive_int("d_model", d_model)
+        self.num_experts = _checks.positive_int("num_experts", num_experts)
+        self.k = _checks.positive_int("k", k)
+        if k > num_experts:
+            raise ValueError(f"k must be <= num_experts={num_experts}, got k={k}")
+        if capacity_factor is not None and _checks.non_negative("capacity_factor", capacity_factor) == 0:
+            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
+        self.capacity_factor = capacity_factor
+        self.drop_policy = _checks.choice("drop_policy", drop_policy, POLICIES)
+        self.backend = _checks.choice("backend", backend, BACKENDS)
+        _checks.positive_int("num_shared_experts", num_shared_experts, minimum=0)
+
+        self.router = TopKRouter(d_model, num_experts, k) if router is None else router
+        self._check_router()
+        self.experts = Experts(num_experts, d_model, d_hidden, activation)
+        self.shared = (FeedForward(d_model, num_shared_experts * d_hidden, activation)
+                       if num_shared_experts else None)
+        self.aux_loss: torch.Tensor | None = None
+        self.z_loss: torch.Tensor | None = None
+        self.stats: MoEStats | None = None
+
+    def _check_router(self) -> None:
+        router = self.router
+        if not isinstance(router, Router):
+            raise TypeError(f"router must be a minimoe.routing.Router, got {type(router).__name__}")
+        if (router.d_model, router.num_experts) != (self.d_model, self.num_experts):
+            raise ValueError(f"router must map d_model={self.d_model} to num_experts={self.num_experts}, "
+                             f"got d_model={router.d_model}, num_experts={router.num_experts}")
+        if hasattr(router, "k") and router.k != self.k:
+            raise ValueError(f"k={self.k} differs from router.k={router.k}: pass the same k to both")
+        if isinstance(router, ExpertChoiceRouter) and self.capacity_factor is not None:
+            raise ValueError("capacity_factor must be None with an ExpertChoiceRouter, which sets "
+                             f"its own capacity (router.capacity_factor), got {self.capacity_factor}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _checks.tensor("x", x)
+        if x.dim() == 0 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
+        tokens = x.reshape(-1, self.d_model)
+        routing = self.router(tokens)
+        capacity = None
+        if self.capacity_factor is not None:
+            capacity = expert_capacity(tokens.shape[0], self.num_experts, self.k, self.capacity_factor)
+        plan = make_plan(routing.expert_idx, self.num_experts, capacity, self.drop_policy,
+                         routing.weights, routing.mask)
+        expert_out = self.experts(permute(tokens, plan), plan.tokens_per_expert)
+        out = unpermute(expert_out, plan, routing.weights)
+        if self.shared is not None:
+            out = out + self.shared(tokens)
+
+        self.aux_loss = load_balancing_loss(routing.probs, routing.expert_idx, routing.mask)
+        self.z_loss = router_z_loss(routing.logits)
+        self.stats = self._stats(routing.expert_idx, routing.mask, plan.order.numel())
+        return out.view_as(x)
+
+    def _stats(self, expert_idx: torch.Tensor, mask: torch.Tensor | None, num_kept: int) -> MoEStats:
+        ids = expert_idx if mask is None else expert_idx[mask]
+        routed = torch.bincount(ids.reshape(-1), minlength=self.num_experts)
+        total = max(int(routed.sum()), 1)
+        return MoEStats(routed, routed.double() / total, 1.0 - num_kept / total,
+                        load_entropy(routed) if routed.sum() else 1.0)

@@ -1,0 +1,38 @@
+"""Auxiliary router losses.
+
+load_balancing_loss: Switch Transformer (Fedus et al. 2021, eq. 4), generalised to k slots:
+    L = E * sum_i f_i * P_i,
+    f_i = (assignments routed to expert i) / (number of assignments)    [counts, no gradient]
+    P_i = mean over tokens of the router probability of expert i        [carries the gradient]
+Both f and P sum to 1, so L = 1 exactly when P is uniform (for any f and any k), and L >= 1
+is approached when routing is balanced. Rows of `probs` are renormalised to sum to 1 first:
+a no-op for softmax scores, DeepSeek-V3's convention for sigmoid scores.
+
+router_z_loss: ST-MoE (Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2.
+"""
+
+import torch
+
+from minimoe import _checks
+
+
+def load_balancing_loss(probs: torch.Tensor, expert_idx: torch.Tensor,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """probs [T, E], expert_idx [T, k] (mask [T, k]: slots in use) -> scalar loss."""
+    _checks.tensor("probs", probs, ndim=2)
+    num_experts = probs.shape[1]
+    _checks.expert_ids("expert_idx", expert_idx, num_experts)
+    if expert_idx.shape[0] != probs.shape[0]:
+        raise ValueError(f"expert_idx must have {probs.shape[0]} rows like probs, got {expert_idx.shape[0]}")
+    in_use = torch.ones_like(expert_idx, dtype=torch.bool) if mask is None else mask
+    _checks.same_shape("mask", in_use, expert_idx.shape, "expert_idx")
+    counts = torch.bincount(expert_idx[in_use].reshape(-1).long(), minlength=num_experts)
+    f = counts.to(probs.dtype) / counts.sum().clamp(min=1)
+    P = (probs / probs.sum(-1, keepdim=True)).mean(0)
+    return num_experts * (f * P).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """logits [T, E] raw router logits -> scalar mean of logsumexp(logits)^2."""
+    _checks.tensor("logits", logits, ndim=2)
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()

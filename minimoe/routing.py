@@ -1,0 +1,167 @@
+"""Routers: which experts each token visits, and with what combine weight.
+
+Every router maps x [T, d] (leading dims are flattened) to a `Routing`. Router math runs in
+float32 whatever the input dtype: softmax over low-precision logits is where MoE training
+goes unstable (Switch Transformer, Fedus et al. 2021, section 2.4).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minimoe import _checks
+from minimoe.dispatch import expert_capacity
+
+
+@dataclass
+class Routing:
+    """The router's decision for T tokens, E experts, k slots per token.
+
+    logits      [T, E] raw router logits (fp32, before any noise), what z-loss penalises
+    probs       [T, E] router scores: softmax (or sigmoid) of the logits actually routed on
+    expert_idx  [T, k] int64 chosen experts, best first
+    weights     [T, k] combine weights, differentiable w.r.t. the router
+    mask        [T, k] bool or None; False marks an empty slot (expert choice, where a token
+                can be picked by 0..E experts). None means every slot is used.
+    """
+
+    logits: torch.Tensor
+    probs: torch.Tensor
+    expert_idx: torch.Tensor
+    weights: torch.Tensor
+    mask: torch.Tensor | None = None
+
+
+class Router(nn.Module):
+    """Base: a bias-free linear map d_model -> num_experts, evaluated in fp32."""
+
+    def __init__(self, d_model: int, num_experts: int):
+        super().__init__()
+        self.d_model = _checks.positive_int("d_model", d_model)
+        self.num_experts = _checks.positive_int("num_experts", num_experts)
+        self.proj = nn.Linear(d_model, num_experts, bias=False)
+
+    def _flat_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., d] -> (x [T, d], logits [T, E] fp32)."""
+        _checks.tensor("x", x)
+        if x.dim() == 0 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
+        x = x.reshape(-1, self.d_model)
+        return x, F.linear(x.float(), self.proj.weight.float())
+
+
+class TopKRouter(Router):
+    """Each token picks its k highest-scoring experts.
+
+    score="softmax": probs = softmax(logits) (GShard, Mixtral). score="sigmoid": independent
+    per-expert scores sigmoid(logits) (DeepSeek-V3). normalize=True rescales the k chosen
+    scores to sum to 1; for softmax that equals a softmax over the k chosen logits (Mixtral).
+    noise_std adds N(0, noise_std^2) to the logits in training mode only.
+    bias_update_rate > 0 keeps `expert_bias` [E] (DeepSeek-V3 auxiliary-loss-free balancing,
+    Wang et al. 2024): the bias is added to the scores to *select* experts, never to the weights.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, k: int = 2, *, score: str = "softmax",
+                 normalize: bool = True, noise_std: float = 0.0, bias_update_rate: float = 0.0):
+        super().__init__(d_model, num_experts)
+        self.k = _checks.positive_int("k", k)
+        if k > num_experts:
+            raise ValueError(f"k must be <= num_experts={num_experts}, got k={k}")
+        self.score = _checks.choice("score", score, ("softmax", "sigmoid"))
+        self.normalize = bool(normalize)
+        self.noise_std = _checks.non_negative("noise_std", noise_std)
+        self.bias_update_rate = _checks.non_negative("bias_update_rate", bias_update_rate)
+        if self.bias_update_rate > 0:
+            self.register_buffer("expert_bias", torch.zeros(num_experts))
+        else:
+            self.expert_bias = None
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        _, logits = self._flat_logits(x)
+        routed = logits
+        if self.training and self.noise_std > 0:
+            routed = logits + self.noise_std * torch.randn_like(logits)
+        probs = routed.softmax(-1) if self.score == "softmax" else routed.sigmoid()
+        selection = probs if self.expert_bias is None else probs + self.expert_bias
+        expert_idx = selection.topk(self.k, dim=-1).indices
+        weights = probs.gather(-1, expert_idx)
+        if self.normalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return Routing(logits, probs, expert_idx, weights)
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert: torch.Tensor) -> None:
+        """One aux-loss-free step: bias_i += rate * sign(mean load - load_i)."""
+        if self.expert_bias is None:
+            raise ValueError("update_bias needs a router built with bias_update_rate > 0, "
+                             f"got bias_update_rate={self.bias_update_rate}")
+        _checks.tensor("tokens_per_expert", tokens_per_expert, ndim=1)
+        _checks.same_shape("tokens_per_expert", tokens_per_expert, (self.num_experts,), "num_experts")
+        load = tokens_per_expert.to(self.expert_bias)
+        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+
+
+class SwitchRouter(TopKRouter):
+    """Switch Transformer (Fedus et al. 2021): top-1, the weight is the chosen softmax probability
+    (not renormalised, or it would be 1 and the router would get no gradient)."""
+
+    def __init__(self, d_model: int, num_experts: int, *, noise_std: float = 0.0):
+        super().__init__(d_model, num_experts, k=1, normalize=False, noise_std=noise_std)
+
+
+class NoisyTopKRouter(Router):
+    """Noisy top-k gating (Shazeer et al. 2017).
+
+    H = x W_g + eps * softplus(x W_noise), eps ~ N(0, 1) in training only; the k largest H are
+    kept and weights = softmax over them. `probs` is softmax(H) over all experts.
+    W_noise starts at zero, so the initial noise std is softplus(0) = ln 2.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, k: int = 2):
+        super().__init__(d_model, num_experts)
+        self.k = _checks.positive_int("k", k)
+        if k > num_experts:
+            raise ValueError(f"k must be <= num_experts={num_experts}, got k={k}")
+        self.noise_proj = nn.Linear(d_model, num_experts, bias=False)
+        nn.init.zeros_(self.noise_proj.weight)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        x, logits = self._flat_logits(x)
+        routed = logits
+        if self.training:
+            noise_std = F.softplus(F.linear(x.float(), self.noise_proj.weight.float()))
+            routed = logits + torch.randn_like(logits) * noise_std
+        top = routed.topk(self.k, dim=-1)
+        return Routing(logits, routed.softmax(-1), top.indices, top.values.softmax(-1))
+
+
+class ExpertChoiceRouter(Router):
+    """Expert choice (Zhou et al. 2022): each expert takes its C highest-scoring tokens,
+    C = ceil(T * capacity_factor / E). Loads are perfectly even; a token may get 0..E experts.
+
+    Returns token-major slots: expert_idx [T, m] with m the most experts any token got, best
+    first, and `mask` marking the filled slots. The choice looks at the whole batch, so it is
+    not causal: fine for training and encoders, a leak for autoregressive decoding.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, capacity_factor: float = 1.0):
+        super().__init__(d_model, num_experts)
+        if _checks.non_negative("capacity_factor", capacity_factor) == 0:
+            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+        self.capacity_factor = float(capacity_factor)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        _, logits = self._flat_logits(x)
+        probs = logits.softmax(-1)
+        T = probs.shape[0]
+        capacity = min(T, expert_capacity(T, self.num_experts, 1, self.capacity_factor))
+        chosen_tokens = probs.topk(capacity, dim=0).indices  # [C, E]
+        chosen = torch.zeros_like(probs, dtype=torch.bool)
+        chosen.scatter_(0, chosen_tokens, True)
+        slots = int(chosen.sum(-1).max())
+        ranked = torch.where(chosen, probs.detach(), -1.0).topk(slots, dim=-1).indices
+        mask = chosen.gather(-1, ranked)
+        weights = probs.gather(-1, ranked) * mask
+        return Routing(logits, probs, ranked, weights, mask)
