@@ -1,0 +1,144 @@
+"""Forward + backward time of MoE layer implementations, measured side by side in one process.
+
+    python benchmarks/layer.py                 # both configs, 2 threads
+    python benchmarks/layer.py --repeats 9 --threads 2 --config fine-grained
+
+Every implementation computes the same function with the same weights (checked before timing).
+Runs are interleaved (A B C A B C ...) so that drift in machine speed hits all of them alike;
+the table reports medians and each one's ratio to minimoe's MoELayer.
+"""
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from minimoe import FeedForward, MoELayer
+from minimoe.reference import moe_loop
+
+
+@dataclass
+class Config:
+    name: str
+    tokens: int
+    d_model: int
+    d_hidden: int
+    num_experts: int
+    k: int
+
+
+CONFIGS = {
+    "mixtral-like": Config("mixtral-like", 4096, 512, 1024, 8, 2),
+    "fine-grained": Config("fine-grained", 4096, 512, 128, 64, 8),
+    "tiny": Config("tiny", 64, 64, 128, 8, 2),  # small enough for the per-token loop
+}
+
+
+def expert_loop(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
+    """The common 'loop over experts' MoE: for each expert, find its tokens with a mask, run the
+    FFN on them, scale and scatter-add back (the pattern of many tutorials and HF's eager path)."""
+    routing = layer.router(x)
+    ex = layer.experts
+    out = torch.zeros_like(x)
+    for e in range(layer.num_experts):
+        token, slot = torch.where(routing.expert_idx == e)
+        if token.numel() == 0:
+            continue
+        rows = x[token]
+        hidden = torch.nn.functional.silu(rows @ ex.w_gate[e]) * (rows @ ex.w_up[e])
+        out.index_add_(0, token, (hidden @ ex.w_down[e]) * routing.weights[token, slot, None])
+    return out
+
+
+def hf_mixtral_block(layer: MoELayer, implementation: str):
+    """transformers' MixtralSparseMoeBlock holding `layer`'s weights, or None if not installed."""
+    try:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError:
+        return None
+    config = MixtralConfig(hidden_size=layer.d_model, intermediate_size=layer.experts.d_hidden,
+                           num_local_experts=layer.num_experts, num_experts_per_tok=layer.k,
+                           experts_implementation=implementation)
+    block = MixtralSparseMoeBlock(config)
+    ex = layer.experts
+    with torch.no_grad():  # HF stores weights for F.linear (x @ W.T), gate and up concatenated
+        block.gate.weight.copy_(layer.router.proj.weight)
+        block.experts.gate_up_proj.copy_(torch.cat([ex.w_gate, ex.w_up], dim=2).transpose(1, 2))
+        block.experts.down_proj.copy_(ex.w_down.transpose(1, 2))
+    return block
+
+
+def implementations(cfg: Config, with_token_loop: bool = False) -> dict[str, Callable]:
+    """name -> function(x) of the same MoE (and the dense FFN with hidden k*h: same active FLOPs)."""
+    torch.manual_seed(0)
+    layer = MoELayer(cfg.d_model, cfg.d_hidden, cfg.num_experts, cfg.k)
+    dense = FeedForward(cfg.d_model, cfg.k * cfg.d_hidden)
+    fns = {
+        "minimoe MoELayer": layer,
+        f"dense SwiGLU, hidden k*h={cfg.k * cfg.d_hidden}": dense,
+        "loop over experts": lambda x: expert_loop(layer, x),
+    }
+    for impl in ("eager", "grouped_mm"):
+        block = hf_mixtral_block(layer, impl)
+        if block is not None:
+            fns[f"HF Mixtral block ({impl})"] = lambda x, b=block: b(x[None])[0]
+    if with_token_loop:
+        fns["per-token loop (reference)"] = lambda x: moe_loop(layer, x)
+    return fns
+
+
+def check_equal(fns: dict[str, Callable], x: torch.Tensor, atol: float = 1e-4) -> None:
+    """Every MoE implementation must give minimoe's output (the dense FFN is a different function)."""
+    expected = fns["minimoe MoELayer"](x)
+    for name, fn in fns.items():
+        if not name.startswith("dense"):
+            diff = (fn(x) - expected).abs().max().item()
+            if diff > atol:
+                raise AssertionError(f"{name} differs from MoELayer by {diff:.2e}")
+
+
+def time_side_by_side(fns: dict[str, Callable], x: torch.Tensor, repeats: int = 7) -> dict[str, float]:
+    """Median seconds of forward+backward per implementation, runs interleaved, one warm-up each."""
+    grad = torch.randn_like(x)
+    times = {name: [] for name in fns}
+    for rep in range(repeats + 1):
+        for name, fn in fns.items():
+            xr = x.detach().requires_grad_()
+            start = time.perf_counter()
+            fn(xr).backward(grad)
+            if rep > 0:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def report(cfg: Config, medians: dict[str, float]) -> str:
+    base = medians["minimoe MoELayer"]
+    lines = [f"{cfg.name}: T={cfg.tokens} d={cfg.d_model} h={cfg.d_hidden} E={cfg.num_experts} k={cfg.k}",
+             f"{'implementation':<36} {'ms':>9} {'/ minimoe':>10}"]
+    lines += [f"{name:<36} {1e3 * t:>9.1f} {t / base:>10.2f}" for name, t in medians.items()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=list(CONFIGS), action="append")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, float32, forward+backward, "
+          f"median of {args.repeats} interleaved runs\n")
+    for name in args.config or ["tiny", "mixtral-like", "fine-grained"]:
+        cfg = CONFIGS[name]
+        fns = implementations(cfg, with_token_loop=name == "tiny")
+        x = torch.randn(cfg.tokens, cfg.d_model)
+        check_equal(fns, x)
+        print(report(cfg, time_side_by_side(fns, x, args.repeats)), "\n")
+
+
+if __name__ == "__main__":
+    main()

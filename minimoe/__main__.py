@@ -1,0 +1,5 @@
+import sys
+
+from minimoe.cli import main
+
+sys.exit(main())

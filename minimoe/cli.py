@@ -1,0 +1,58 @@
+"""The `minimoe` command line. `minimoe doctor` reports the environment the course will run in."""
+
+import argparse
+import importlib
+import platform
+import sys
+
+
+def _version(module: str) -> str | None:
+    try:
+        return importlib.import_module(module).__version__
+    except Exception:  # noqa: BLE001  (a broken install must not crash the doctor)
+        return None
+
+
+def doctor() -> int:
+    """Print versions and accelerators, and what the course will skip on this machine."""
+    versions = {"python": platform.python_version()}
+    for module in ("minimoe", "numpy", "torch", "matplotlib", "seaborn", "triton", "nbval", "jupyterlab"):
+        versions[module] = _version(module)
+    for name, version in versions.items():
+        print(f"{name:<11} {version or 'not installed'}")
+
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    names = ", ".join(torch.cuda.get_device_name(i) for i in range(gpus))
+    print(f"{'cuda':<11} {f'{gpus} GPU(s): {names}' if gpus else 'no GPU'}")
+    print(f"{'cpu threads':<11} {torch.get_num_threads()}")
+
+    skipped = []
+    if not gpus:
+        skipped.append("ch 10, 12: NCCL expert parallelism (gloo on CPU processes runs instead)")
+        skipped.append("ch 11: Triton kernel timings on a GPU (the Triton interpreter runs on CPU instead)")
+    elif gpus < 2:
+        skipped.append("ch 10, 12: multi-GPU NCCL runs need 2 GPUs (gloo on CPU processes runs instead)")
+    if versions["triton"] is None:
+        skipped.append("ch 11: the Triton kernel (pip install 'minimoe[triton]' on Linux); the torch fallback runs")
+    if versions["jupyterlab"] is None:
+        skipped.append("the notebooks need JupyterLab: pip install 'minimoe[course]'")
+    print("\nthe course will skip:" if skipped else "\nnothing is skipped: every chapter runs in full")
+    for line in skipped:
+        print(f"  - {line}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="minimoe", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("doctor", help="versions, accelerators and what the course will skip")
+    args = parser.parse_args(argv)
+    if args.command == "doctor":
+        return doctor()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
