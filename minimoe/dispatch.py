@@ -9,6 +9,7 @@ token still flows through the residual stream around the MoE layer.
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -24,8 +25,8 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
     k = _checks.positive_int("k", k)
     if _checks.non_negative("capacity_factor", capacity_factor) == 0:
         raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
-    # the small tolerance keeps e.g. 1.1 * 100 (= 110.00000000000001) from rounding up to 111
-    return math.ceil(k * num_tokens * capacity_factor / num_experts - 1e-9)
+    # exact arithmetic on the factor as written: in floats 1.1 * 100 = 110.00000000000001 -> 111
+    return math.ceil(k * num_tokens * Fraction(repr(float(capacity_factor))) / num_experts)
 
 
 @dataclass
@@ -67,6 +68,10 @@ def make_plan(expert_idx: torch.Tensor, num_experts: int, capacity: int | None =
     if capacity is not None:
         capacity = _checks.positive_int("capacity", capacity, minimum=0)
     _checks.choice("policy", policy, POLICIES)
+    if policy == "score":
+        if weights is None:
+            raise ValueError("policy='score' needs weights [T, k], got weights=None")
+        _checks.same_shape("weights", weights, expert_idx.shape, "expert_idx")
     if mask is not None:
         _checks.tensor("mask", mask)
         _checks.same_shape("mask", mask, expert_idx.shape, "expert_idx")
@@ -83,9 +88,6 @@ def make_plan(expert_idx: torch.Tensor, num_experts: int, capacity: int | None =
         # assignment inside its expert's group is how many higher-priority ones came first
         slot_major = torch.arange(T * k, device=flat_expert.device).view(T, k).t().reshape(-1)
         if policy == "score":
-            if weights is None:
-                raise ValueError("policy='score' needs weights [T, k], got weights=None")
-            _checks.same_shape("weights", weights, expert_idx.shape, "expert_idx")
             by_score = weights.detach().t().reshape(-1).argsort(descending=True, stable=True)
             priority = slot_major[by_score]
         else:
@@ -112,13 +114,19 @@ def permute(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     return x[plan.token_idx]
 
 
-def unpermute(y: torch.Tensor, plan: DispatchPlan, weights: torch.Tensor) -> torch.Tensor:
-    """y [S, d] expert outputs -> [T, d], sum over each token's kept assignments of weight * row."""
+def sorted_weights(weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """weights [T, k] -> [S], the combine weight of each dispatched row."""
+    _checks.tensor("weights", weights)
+    _checks.same_shape("weights", weights, plan.kept.shape, "the plan's [T, k]")
+    return weights.reshape(-1)[plan.order]
+
+
+def unpermute(y: torch.Tensor, plan: DispatchPlan, weights: torch.Tensor | None) -> torch.Tensor:
+    """y [S, d] expert outputs -> [T, d], sum over each token's kept assignments of weight * row.
+    weights=None: the rows are already weighted (e.g. by `Experts(..., row_weights=...)`)."""
     _checks.tensor("y", y, ndim=2)
     if y.shape[0] != plan.order.numel():
         raise ValueError(f"y must have {plan.order.numel()} rows (the plan's kept assignments), got {y.shape[0]}")
-    _checks.tensor("weights", weights)
-    _checks.same_shape("weights", weights, plan.kept.shape, "the plan's [T, k]")
-    row_weights = weights.reshape(-1)[plan.order].to(y.dtype)
-    out = y.new_zeros(plan.kept.shape[0], y.shape[1])
-    return out.index_add(0, plan.token_idx, y * row_weights[:, None])
+    if weights is not None:
+        y = y * sorted_weights(weights, plan).to(y.dtype)[:, None]
+    return y.new_zeros(plan.kept.shape[0], y.shape[1]).index_add(0, plan.token_idx, y)

@@ -32,12 +32,14 @@ def _matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor | None) -> to
         return x @ w
     if _grouped_mm_supported(x, w):
         return F.grouped_mm(x.contiguous(), w, offs=torch.cumsum(counts, 0).to(torch.int32))
-    return torch.cat([rows @ w_e for rows, w_e in zip(x.split(counts.tolist()), w)])
+    # unbind, not w[e]: each w[e]'s backward would build a whole [E, a, b] gradient
+    return torch.cat([rows @ w_e for rows, w_e in zip(x.split(counts.tolist()), w.unbind(0), strict=True)])
 
 
-def feed_forward(x, w_up, w_down, w_gate=None, activation="swiglu", counts=None):
+def feed_forward(x, w_up, w_down, w_gate=None, activation="swiglu", counts=None, row_weights=None):
     """The FFN of one expert ([a, b] weights) or of E experts on sorted rows ([E, a, b] weights,
-    counts [E] rows per expert).
+    counts [E] rows per expert). row_weights [S] scales each row's output; being linear in
+    the hidden activation, the scaling is applied to the narrower of hidden and output.
 
     swiglu: (silu(x W_gate) * x W_up) W_down    (Shazeer 2020, used by Mixtral and DeepSeek)
     gelu / relu: act(x W_up) W_down
@@ -49,7 +51,10 @@ def feed_forward(x, w_up, w_down, w_gate=None, activation="swiglu", counts=None)
         hidden = F.gelu(up)
     else:
         hidden = F.relu(up)
-    return _matmul(hidden, w_down, counts)
+    if row_weights is not None and hidden.shape[1] <= x.shape[1]:
+        hidden, row_weights = hidden * row_weights[:, None], None
+    out = _matmul(hidden, w_down, counts)
+    return out if row_weights is None else out * row_weights[:, None]
 
 
 def _init_uniform(shape: tuple, fan_in: int) -> nn.Parameter:
@@ -59,7 +64,8 @@ def _init_uniform(shape: tuple, fan_in: int) -> nn.Parameter:
 
 
 class Experts(nn.Module):
-    """E independent FFNs. forward(x_sorted [S, d], tokens_per_expert [E]) -> [S, d]."""
+    """E independent FFNs. forward(x_sorted [S, d], tokens_per_expert [E], row_weights [S] or
+    None) -> [S, d], row i scaled by row_weights[i] when given."""
 
     def __init__(self, num_experts: int, d_model: int, d_hidden: int, activation: str = "swiglu"):
         super().__init__()
@@ -72,7 +78,8 @@ class Experts(nn.Module):
         self.w_up = _init_uniform((E, d, h), d)
         self.w_down = _init_uniform((E, h, d), h)
 
-    def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor,
+                row_weights: torch.Tensor | None = None) -> torch.Tensor:
         _checks.tensor("x_sorted", x_sorted, ndim=2)
         if x_sorted.shape[1] != self.d_model:
             raise ValueError(f"x_sorted must have {self.d_model} columns (d_model), got {x_sorted.shape[1]}")
@@ -81,7 +88,12 @@ class Experts(nn.Module):
         if int(tokens_per_expert.sum()) != x_sorted.shape[0]:
             raise ValueError(f"tokens_per_expert must sum to the {x_sorted.shape[0]} rows of x_sorted, "
                              f"got {int(tokens_per_expert.sum())}")
-        return feed_forward(x_sorted, self.w_up, self.w_down, self.w_gate, self.activation, tokens_per_expert)
+        if row_weights is not None:
+            _checks.tensor("row_weights", row_weights)
+            _checks.same_shape("row_weights", row_weights, x_sorted.shape[:1], "x_sorted's rows")
+            row_weights = row_weights.to(x_sorted.dtype)
+        return feed_forward(x_sorted, self.w_up, self.w_down, self.w_gate, self.activation,
+                            tokens_per_expert, row_weights)
 
 
 class FeedForward(nn.Module):

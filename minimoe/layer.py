@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from minimoe import _checks
-from minimoe.dispatch import POLICIES, expert_capacity, make_plan, permute, unpermute
+from minimoe.dispatch import POLICIES, expert_capacity, make_plan, permute, sorted_weights, unpermute
 from minimoe.experts import Experts, FeedForward
 from minimoe.losses import load_balancing_loss, router_z_loss
 from minimoe.metrics import load_entropy
@@ -97,8 +97,10 @@ class MoELayer(nn.Module):
             capacity = expert_capacity(tokens.shape[0], self.num_experts, self.k, self.capacity_factor)
         plan = make_plan(routing.expert_idx, self.num_experts, capacity, self.drop_policy,
                          routing.weights, routing.mask)
-        expert_out = self.experts(permute(tokens, plan), plan.tokens_per_expert)
-        out = unpermute(expert_out, plan, routing.weights)
+        # the combine weights scale rows inside the experts, where it is cheapest
+        expert_out = self.experts(permute(tokens, plan), plan.tokens_per_expert,
+                                  sorted_weights(routing.weights, plan))
+        out = unpermute(expert_out, plan, weights=None)
         if self.shared is not None:
             out = out + self.shared(tokens)
 

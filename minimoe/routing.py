@@ -1,8 +1,8 @@
 """Routers: which experts each token visits, and with what combine weight.
 
 Every router maps x [T, d] (leading dims are flattened) to a `Routing`. Router math runs in
-float32 whatever the input dtype: softmax over low-precision logits is where MoE training
-goes unstable (Switch Transformer, Fedus et al. 2021, section 2.4).
+at least float32 whatever the input dtype: softmax over low-precision logits is where MoE
+training goes unstable (Switch Transformer, Fedus et al. 2021, section 2.4).
 """
 
 from dataclasses import dataclass
@@ -19,7 +19,7 @@ from minimoe.dispatch import expert_capacity
 class Routing:
     """The router's decision for T tokens, E experts, k slots per token.
 
-    logits      [T, E] raw router logits (fp32, before any noise), what z-loss penalises
+    logits      [T, E] raw router logits (fp32 or wider, before any noise), what z-loss penalises
     probs       [T, E] router scores: softmax (or sigmoid) of the logits actually routed on
     expert_idx  [T, k] int64 chosen experts, best first
     weights     [T, k] combine weights, differentiable w.r.t. the router
@@ -44,12 +44,13 @@ class Router(nn.Module):
         self.proj = nn.Linear(d_model, num_experts, bias=False)
 
     def _flat_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [..., d] -> (x [T, d], logits [T, E] fp32)."""
+        """x [..., d] -> (x [T, d], logits [T, E] in float32, or float64 for float64 input)."""
         _checks.tensor("x", x)
         if x.dim() == 0 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
         x = x.reshape(-1, self.d_model)
-        return x, F.linear(x.float(), self.proj.weight.float())
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        return x, F.linear(x.to(dtype), self.proj.weight.to(dtype))
 
 
 class TopKRouter(Router):
@@ -131,7 +132,7 @@ class NoisyTopKRouter(Router):
         x, logits = self._flat_logits(x)
         routed = logits
         if self.training:
-            noise_std = F.softplus(F.linear(x.float(), self.noise_proj.weight.float()))
+            noise_std = F.softplus(F.linear(x.to(logits.dtype), self.noise_proj.weight.to(logits.dtype)))
             routed = logits + torch.randn_like(logits) * noise_std
         top = routed.topk(self.k, dim=-1)
         return Routing(logits, routed.softmax(-1), top.indices, top.values.softmax(-1))

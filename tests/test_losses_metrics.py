@@ -8,9 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minimoe import load_balancing_loss, router_z_loss
-from minimoe.metrics import (coefficient_of_variation, dead_experts, expert_load, load_entropy,
-                             max_violation, mutual_information, specialization)
-
+from minimoe.metrics import (
+    coefficient_of_variation,
+    dead_experts,
+    expert_load,
+    load_entropy,
+    max_violation,
+    mutual_information,
+    specialization,
+)
 
 # ---- load_balancing_loss: E * sum_i f_i * P_i --------------------------------------------------
 
