@@ -1,15 +1,25 @@
 """Forward + backward time of MoE layer implementations, measured side by side in one process.
 
-    python benchmarks/layer.py                 # both configs, 2 threads
+    python benchmarks/layer.py                 # all configs, 2 threads
     python benchmarks/layer.py --repeats 9 --threads 2 --config fine-grained
+    python benchmarks/layer.py --default-malloc   # glibc's allocator settings as they are
 
 Every implementation computes the same function with the same weights (checked before timing).
 Runs are interleaved (A B C A B C ...) so that drift in machine speed hits all of them alike;
 the table reports medians and each one's ratio to minimoe's MoELayer.
+
+Allocator: glibc serves every buffer over 32 MB with a fresh mmap and returns it on free, so
+each new buffer is page-faulted in again (here ~35 ms for 64 MB). MoE dispatch makes several
+[T*k, d] buffers per step and pays this far more than a dense FFN does. By default the script
+re-runs itself with MALLOC_MMAP_MAX_=0 and a large MALLOC_TRIM_THRESHOLD_, which keep freed
+memory for reuse, as PyTorch's CPU performance guide advises (or jemalloc / tcmalloc);
+--default-malloc measures without them.
 """
 
 import argparse
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +45,7 @@ CONFIGS = {
     "fine-grained": Config("fine-grained", 4096, 512, 128, 64, 8),
     "tiny": Config("tiny", 64, 64, 128, 8, 2),  # small enough for the per-token loop
 }
+REUSE_FREED_MEMORY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
 
 
 def expert_loop(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
@@ -128,10 +139,15 @@ def main() -> None:
     parser.add_argument("--config", choices=list(CONFIGS), action="append")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--default-malloc", action="store_true", help="keep glibc's allocator defaults")
     args = parser.parse_args()
+    tuned = all(os.environ.get(name) == value for name, value in REUSE_FREED_MEMORY.items())
+    if not args.default_malloc and not tuned:  # glibc reads these only at process start
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **REUSE_FREED_MEMORY})
     torch.set_num_threads(args.threads)
+    allocator = "glibc malloc, freed memory kept for reuse" if tuned else "glibc malloc, default settings"
     print(f"torch {torch.__version__}, {args.threads} threads, float32, forward+backward, "
-          f"median of {args.repeats} interleaved runs\n")
+          f"median of {args.repeats} interleaved runs, {allocator}\n")
     for name in args.config or ["tiny", "mixtral-like", "fine-grained"]:
         cfg = CONFIGS[name]
         fns = implementations(cfg, with_token_loop=name == "tiny")

@@ -111,7 +111,7 @@ def permute(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     _checks.tensor("x", x, ndim=2)
     if x.shape[0] != plan.kept.shape[0]:
         raise ValueError(f"x must have {plan.kept.shape[0]} rows (the plan's tokens), got {x.shape[0]}")
-    return x[plan.token_idx]
+    return x.index_select(0, plan.token_idx)  # its backward (index_add) beats x[idx]'s index_put
 
 
 def sorted_weights(weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
