@@ -1,9 +1,15 @@
-"""The `minimoe` command line. `minimoe doctor` reports the environment the course will run in."""
+"""The `minimoe` command line.
+
+  minimoe doctor                 the environment the course will run in
+  minimoe grade STUDENT.ipynb    grade exercise notebooks against solutions/ (see minimoe.grade)
+"""
 
 import argparse
 import importlib
 import platform
 import sys
+
+from minimoe import grade
 
 
 def _version(module: str) -> str | None:
@@ -45,13 +51,13 @@ def doctor() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="minimoe", description=__doc__)
+    parser = argparse.ArgumentParser(prog="minimoe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("doctor", help="versions, accelerators and what the course will skip")
+    grade.add_arguments(commands.add_parser("grade", help="grade exercise notebooks", description=grade.__doc__))
     args = parser.parse_args(argv)
-    if args.command == "doctor":
-        return doctor()
-    return 2
+    return doctor() if args.command == "doctor" else grade.run(args)
 
 
 if __name__ == "__main__":
