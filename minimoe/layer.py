@@ -33,9 +33,11 @@ class MoEStats:
 
 
 class MoELayer(nn.Module):
-    """A sparse FFN. forward(x [..., d_model]) -> same shape.
+    """A sparse FFN. forward(x [..., d_model], token_ids=None) -> same shape as x.
 
-    router: any `minimoe.routing.Router`; default TopKRouter(d_model, num_experts, k).
+    router: any `minimoe.routing.Router`; default TopKRouter(d_model, num_experts, k). A router
+        that routes on token ids (HashRouter) needs token_ids [...] (x's leading shape); the
+        others must get None.
     capacity_factor: None is dropless; otherwise each expert takes at most
         ceil(k * T * capacity_factor / E) assignments, chosen by drop_policy ("position" or
         "score"); a dropped assignment adds nothing (the residual stream carries the token).
@@ -86,12 +88,12 @@ class MoELayer(nn.Module):
             raise ValueError("capacity_factor must be None with an ExpertChoiceRouter, which sets "
                              f"its own capacity (router.capacity_factor), got {self.capacity_factor}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         _checks.tensor("x", x)
         if x.dim() == 0 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
         tokens = x.reshape(-1, self.d_model)
-        routing = self.router(tokens)
+        routing = self.router.route(x, token_ids)
         capacity = None
         if self.capacity_factor is not None:
             capacity = expert_capacity(tokens.shape[0], self.num_experts, self.k, self.capacity_factor)

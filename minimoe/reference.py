@@ -37,10 +37,11 @@ def kept_assignments(routing, num_experts: int, capacity: int | None, policy: st
     return kept
 
 
-def moe_loop(layer, x: torch.Tensor) -> torch.Tensor:
-    """Same result as `layer(x)` for a `minimoe.layer.MoELayer` (use eval mode for noisy routers)."""
+def moe_loop(layer, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Same result as `layer(x, token_ids)` for a `minimoe.layer.MoELayer` (use eval mode for
+    noisy routers)."""
     tokens = x.reshape(-1, layer.d_model)
-    routing = layer.router(tokens)
+    routing = layer.router.route(x, token_ids)
     T, k = routing.expert_idx.shape
     capacity = None
     if layer.capacity_factor is not None:

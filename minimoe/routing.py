@@ -1,6 +1,7 @@
 """Routers: which experts each token visits, and with what combine weight.
 
-Every router maps x [T, d] (leading dims are flattened) to a `Routing`. Router math runs in
+Every router maps x [..., d] (leading dims are flattened to T tokens) to a `Routing`; a router
+with `needs_token_ids` (HashRouter) also reads the token ids [...]. Router math runs in
 at least float32 whatever the input dtype: softmax over low-precision logits is where MoE
 training goes unstable (Switch Transformer, Fedus et al. 2021, section 2.4).
 """
@@ -35,20 +36,39 @@ class Routing:
 
 
 class Router(nn.Module):
-    """Base: a bias-free linear map d_model -> num_experts, evaluated in fp32."""
+    """Base: a bias-free linear map `proj` d_model -> num_experts, evaluated in fp32.
+    A router that learns nothing (HashRouter) passes learned=False and has proj = None, so it
+    has no parameters to optimise, synchronise or count."""
 
-    def __init__(self, d_model: int, num_experts: int):
+    needs_token_ids = False  # True: forward(x, token_ids) routes on the token ids
+
+    def __init__(self, d_model: int, num_experts: int, *, learned: bool = True):
         super().__init__()
         self.d_model = _checks.positive_int("d_model", d_model)
         self.num_experts = _checks.positive_int("num_experts", num_experts)
-        self.proj = nn.Linear(d_model, num_experts, bias=False)
+        self.proj = nn.Linear(d_model, num_experts, bias=False) if learned else None
 
-    def _flat_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [..., d] -> (x [T, d], logits [T, E] in float32, or float64 for float64 input)."""
+    def route(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> Routing:
+        """self(x), or self(x, token_ids) for a router that needs them; token ids given to a
+        router that does not read them are an error, not silently ignored."""
+        name = type(self).__name__
+        if self.needs_token_ids and token_ids is None:
+            raise ValueError(f"token_ids must be given: {name} routes on token ids, got None")
+        if not self.needs_token_ids and token_ids is not None:
+            raise ValueError(f"token_ids must be None: {name} does not route on token ids, got a "
+                             f"{type(token_ids).__name__}")
+        return self(x) if token_ids is None else self(x, token_ids)
+
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d] -> [T, d]."""
         _checks.tensor("x", x)
         if x.dim() == 0 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
-        x = x.reshape(-1, self.d_model)
+        return x.reshape(-1, self.d_model)
+
+    def _flat_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., d] -> (x [T, d], logits [T, E] in float32, or float64 for float64 input)."""
+        x = self._flat(x)
         dtype = torch.promote_types(x.dtype, torch.float32)
         return x, F.linear(x.to(dtype), self.proj.weight.to(dtype))
 
@@ -166,3 +186,56 @@ class ExpertChoiceRouter(Router):
         mask = chosen.gather(-1, ranked)
         weights = probs.gather(-1, ranked) * mask
         return Routing(logits, probs, ranked, weights, mask)
+
+
+class HashRouter(Router):
+    """Hash layers (Roller et al. 2021): a fixed, non-learned map token id -> k experts.
+
+    `table` [vocab_size, k] is a seeded random balanced assignment: the vocab_size * k
+    (id, slot) pairs are dealt out in rounds, each round a fresh random permutation of the
+    experts, so every id gets k distinct experts and every expert gets floor or ceil of
+    vocab_size * k / E ids (the paper's "random hash", balanced by construction). The same id
+    always goes to the same experts, whatever its context.
+    There is no gate to learn, so every chosen expert's output counts equally: weights = 1/k.
+    logits are zeros and probs uniform 1/E: the z-loss is the constant log(E)^2 and the
+    load-balancing loss exactly 1, neither with a gradient.
+    """
+
+    needs_token_ids = True
+
+    def __init__(self, d_model: int, num_experts: int, vocab_size: int, k: int = 1, seed: int = 0):
+        super().__init__(d_model, num_experts, learned=False)
+        self.vocab_size = _checks.positive_int("vocab_size", vocab_size)
+        self.k = _checks.positive_int("k", k)
+        if k > num_experts:
+            raise ValueError(f"k must be <= num_experts={num_experts}, got k={k}")
+        self.seed = _checks.positive_int("seed", seed, minimum=0)
+        self.register_buffer("table", self._deal(vocab_size, num_experts, k, seed))
+
+    @staticmethod
+    def _deal(vocab_size: int, num_experts: int, k: int, seed: int) -> torch.Tensor:
+        """-> [vocab_size, k] int64: ids take k experts each from a stream of shuffled rounds."""
+        gen = torch.Generator().manual_seed(seed)
+        rows, pool = [], []  # pool: what is left of the current round, in random order
+        for _ in range(vocab_size):
+            row, pool = pool[:k], pool[k:]
+            if len(row) < k:  # next round; the experts already in row go last, so no repeats
+                fresh = torch.randperm(num_experts, generator=gen).tolist()
+                fresh = [e for e in fresh if e not in row] + row
+                need = k - len(row)
+                row, pool = row + fresh[:need], fresh[need:]
+            rows.append(row)
+        return torch.tensor(rows, dtype=torch.int64)
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> Routing:
+        """x [..., d], token_ids [...] integers in [0, vocab_size) -> Routing over T tokens."""
+        tokens = self._flat(x)
+        _checks.tensor("token_ids", token_ids)
+        _checks.same_shape("token_ids", token_ids, x.shape[:-1], "x's leading dimensions")
+        _checks.expert_ids("token_ids", token_ids.reshape(-1, 1), self.vocab_size)
+        T, E = tokens.shape[0], self.num_experts
+        dtype = torch.promote_types(tokens.dtype, torch.float32)
+        logits = tokens.new_zeros(T, E, dtype=dtype)
+        weights = tokens.new_full((T, self.k), 1 / self.k, dtype=dtype)
+        expert_idx = self.table[token_ids.reshape(-1).long()]
+        return Routing(logits, torch.full_like(logits, 1 / E), expert_idx, weights)

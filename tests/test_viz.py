@@ -1,0 +1,268 @@
+"""minimoe.viz: every plot returns a Figure whose artists hold exactly the data passed in (read
+back from the QuadMesh, lines, stacked areas and bars), every axis is titled and labelled,
+every colour bar is labelled, and bad inputs raise.
+
+The figures are built without pyplot, so there is nothing to close: the first test checks that
+no pyplot figure is left open."""
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+from matplotlib.collections import QuadMesh
+from matplotlib.figure import Figure
+
+from minimoe import viz
+from minimoe.metrics import load_entropy, mutual_information, specialization
+from minimoe.routing import ExpertChoiceRouter, Routing, TopKRouter
+
+matplotlib.use("Agg")
+
+T, E = 12, 6
+
+
+def colorbar_axes(fig: Figure) -> dict:
+    """{colour bar axes: its Colorbar} for every mappable in the figure that has one."""
+    mappables = [m for ax in fig.axes for m in (*ax.images, *ax.collections)]
+    return {m.colorbar.ax: m.colorbar for m in mappables if getattr(m, "colorbar", None) is not None}
+
+
+def assert_labelled(fig: Figure) -> None:
+    """Every plot axis has a title, an x label and a y label; every colour bar has a label."""
+    colorbars = colorbar_axes(fig)
+    assert fig.axes, "the figure has no axes"
+    for i, ax in enumerate(fig.axes):
+        if ax in colorbars:
+            assert ax.get_ylabel() or ax.get_xlabel(), f"colour bar (axes {i}) has no label"
+            continue
+        for what in ("title", "xlabel", "ylabel"):
+            assert getattr(ax, f"get_{what}")().strip(), f"axes {i} has no {what}"
+
+
+def quadmesh(ax) -> np.ndarray:
+    """The data of a seaborn heatmap, [rows, columns]."""
+    (mesh,) = [c for c in ax.collections if isinstance(c, QuadMesh)]
+    return np.asarray(mesh.get_array())
+
+
+def routing_of(seed: int = 0) -> Routing:
+    torch.manual_seed(seed)
+    return TopKRouter(8, E, 2)(torch.randn(T, 8))
+
+
+def dense_by_loop(routing: Routing) -> np.ndarray:
+    dense = np.zeros((routing.expert_idx.shape[0], routing.probs.shape[1]))
+    for t, j in np.ndindex(*routing.expert_idx.shape):
+        if routing.mask is None or routing.mask[t, j]:
+            dense[t, int(routing.expert_idx[t, j])] += float(routing.weights[t, j].detach())
+    return dense
+
+
+def test_plots_leave_no_pyplot_figure_open():
+    """A notebook would otherwise show each figure twice (open figure + returned value)."""
+    plt.close("all")
+    viz.routing_heatmap(routing_of())
+    viz.load_over_training(np.ones((3, E)))
+    viz.dropped_vs_capacity([1.0], {"a": [0.1]})
+    viz.specialization_heatmap(np.ones((2, E)))
+    viz.router_probability_histogram(np.full((T, E), 1 / E))
+    assert plt.get_fignums() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# the labelling helper itself
+# ---------------------------------------------------------------------------------------------
+
+def test_assert_labelled_fails_on_unlabelled_axes():
+    fig = Figure()
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1])
+    ax.set(title="a title", xlabel="x (units)")
+    with pytest.raises(AssertionError, match="ylabel"):
+        assert_labelled(fig)
+    ax.set_ylabel("y (units)")
+    assert_labelled(fig)
+    with pytest.raises(AssertionError, match="no axes"):
+        assert_labelled(Figure())
+
+
+def test_assert_labelled_fails_on_an_unlabelled_colour_bar():
+    fig = Figure()
+    ax = fig.add_subplot()
+    fig.colorbar(ax.imshow(np.eye(3)))
+    ax.set(title="t", xlabel="x", ylabel="y")
+    with pytest.raises(AssertionError, match="colour bar"):
+        assert_labelled(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# routing_heatmap
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("source", ["top2", "expert_choice"])
+def test_routing_heatmap_of_a_routing_shows_its_combine_weights(source):
+    if source == "expert_choice":
+        torch.manual_seed(0)
+        routing = ExpertChoiceRouter(8, E, capacity_factor=1.0)(torch.randn(T, 8))
+        assert not routing.mask.all()  # some empty slots, which must not show
+    else:
+        routing = routing_of()
+    tokens = [f"tok{t}" for t in range(T)]
+    fig = viz.routing_heatmap(routing, tokens=tokens)
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    np.testing.assert_allclose(quadmesh(ax), dense_by_loop(routing), rtol=1e-6)
+    assert [label.get_text() for label in ax.get_yticklabels()] == tokens
+    assert_labelled(fig)
+    assert colorbar_axes(fig)
+
+
+@pytest.mark.parametrize("as_type", [np.asarray, torch.as_tensor, lambda a: a.tolist()])
+def test_routing_heatmap_of_a_dense_matrix_shows_it(as_type):
+    dense = dense_by_loop(routing_of())
+    fig = viz.routing_heatmap(as_type(dense), num_experts=E)
+    np.testing.assert_allclose(quadmesh(fig.axes[0]), dense)
+    assert_labelled(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# load_over_training
+# ---------------------------------------------------------------------------------------------
+
+def stack_bounds(collection, steps) -> tuple[np.ndarray, np.ndarray]:
+    """(lower, upper) edge of a stacked area at each step, from its polygon's vertices."""
+    vertices = collection.get_paths()[0].vertices
+    at = [vertices[np.isclose(vertices[:, 0], step), 1] for step in steps]
+    return np.array([y.min() for y in at]), np.array([y.max() for y in at])
+
+
+@pytest.mark.parametrize("fractions", [False, True])
+def test_load_over_training_stacks_each_experts_share_and_plots_entropy(fractions):
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 50, size=(7, E)).astype(float)
+    counts[-1] = [60, 0, 0, 0, 0, 0]  # collapsed
+    loads = counts / counts.sum(1, keepdims=True) if fractions else torch.as_tensor(counts)
+    steps = np.arange(7) * 100
+    fig = viz.load_over_training(loads, steps=steps)
+    top, bottom = fig.axes
+    share = 100 * counts / counts.sum(1, keepdims=True)
+    cumulative = np.cumsum(share, 1)
+    assert len(top.collections) == E
+    for e, collection in enumerate(top.collections):
+        lower, upper = stack_bounds(collection, steps)
+        np.testing.assert_allclose(upper, cumulative[:, e], atol=1e-9)
+        np.testing.assert_allclose(lower, cumulative[:, e - 1] if e else 0, atol=1e-9)
+    (line,) = bottom.lines
+    np.testing.assert_array_equal(line.get_xdata(), steps)
+    np.testing.assert_allclose(line.get_ydata(), [load_entropy(row) for row in counts])
+    assert line.get_ydata()[-1] == 0
+    assert_labelled(fig)
+
+
+def test_load_over_training_plots_given_entropy():
+    entropy = [0.9, 0.5, 0.1]
+    fig = viz.load_over_training(np.ones((3, E)), entropy=entropy)
+    np.testing.assert_array_equal(fig.axes[1].lines[0].get_xdata(), [0, 1, 2])
+    np.testing.assert_array_equal(fig.axes[1].lines[0].get_ydata(), entropy)
+
+
+# ---------------------------------------------------------------------------------------------
+# dropped_vs_capacity
+# ---------------------------------------------------------------------------------------------
+
+def test_dropped_vs_capacity_draws_one_line_per_label_in_percent():
+    factors = [0.5, 1.0, 1.25, 2.0]
+    dropped = {"position": [0.5, 0.1, 0.02, 0.0], "score": np.array([0.45, 0.08, 0.0, 0.0])}
+    fig = viz.dropped_vs_capacity(factors, dropped)
+    ax = fig.axes[0]
+    assert [line.get_label() for line in ax.lines] == list(dropped)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == list(dropped)
+    for line, fractions in zip(ax.lines, dropped.values(), strict=True):
+        np.testing.assert_array_equal(line.get_xdata(), factors)
+        np.testing.assert_allclose(line.get_ydata(), 100 * np.asarray(fractions))
+    assert_labelled(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# specialization_heatmap
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("num_classes", "annotated"), [(3, True), (20, False)])
+def test_specialization_heatmap_shows_row_shares_and_mutual_information(num_classes, annotated):
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(400) % num_classes
+    expert_idx = (labels[:, None] + torch.randint(2, (400, 2), generator=gen)) % E
+    counts = specialization(labels, expert_idx, num_classes, E)
+    names = [f"class {c}" for c in range(num_classes)]
+    fig = viz.specialization_heatmap(counts, class_names=names)
+    ax = fig.axes[0]
+    share = 100 * counts.double().numpy() / counts.sum(1, keepdims=True).double().numpy()
+    np.testing.assert_allclose(quadmesh(ax), share)
+    np.testing.assert_allclose(quadmesh(ax).sum(1), 100)
+    assert f"{mutual_information(counts):.3f} bits" in ax.get_title()
+    assert [label.get_text() for label in ax.get_yticklabels()] == names
+    assert len(ax.texts) == (num_classes * E if annotated else 0)
+    (colorbar,) = colorbar_axes(fig).values()
+    assert "%" in colorbar.ax.get_ylabel()
+    assert_labelled(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# router_probability_histogram
+# ---------------------------------------------------------------------------------------------
+
+def test_router_probability_histogram_counts_every_probability_and_every_top1():
+    probs = routing_of().probs.detach()
+    bins = 20
+    fig = viz.router_probability_histogram(probs, bins=bins)
+    every, top1 = fig.axes
+    edges = np.linspace(0, 1, bins + 1)
+    for ax, values in [(every, probs.reshape(-1)), (top1, probs.max(1).values)]:
+        heights = [patch.get_height() for patch in ax.patches]
+        assert sum(heights) == values.numel()
+        np.testing.assert_array_equal(heights, np.histogram(values.double().numpy(), edges)[0])
+    assert_labelled(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# input validation
+# ---------------------------------------------------------------------------------------------
+
+GOOD_LOADS = np.ones((4, E))
+BAD_INPUTS = {
+    "heatmap_1d": (lambda: viz.routing_heatmap(np.ones(E)), ValueError, "weights_or_routing"),
+    "heatmap_nan": (lambda: viz.routing_heatmap(np.full((T, E), np.nan)), ValueError, "weights_or_routing"),
+    "heatmap_str": (lambda: viz.routing_heatmap("weights"), TypeError, "weights_or_routing"),
+    "heatmap_num_experts": (lambda: viz.routing_heatmap(np.ones((T, E)), num_experts=E + 1), ValueError,
+                            "num_experts"),
+    "heatmap_routing_num_experts": (lambda: viz.routing_heatmap(routing_of(), num_experts=2), ValueError,
+                                    "expert_idx"),
+    "heatmap_tokens": (lambda: viz.routing_heatmap(np.ones((T, E)), tokens=["a"] * (T - 1)), ValueError,
+                       "tokens"),
+    "heatmap_tokens_type": (lambda: viz.routing_heatmap(np.ones((T, E)), tokens=3), TypeError, "tokens"),
+    "load_negative": (lambda: viz.load_over_training(-GOOD_LOADS), ValueError, "loads"),
+    "load_zero_row": (lambda: viz.load_over_training(np.zeros((2, E))), ValueError, "loads"),
+    "load_1d": (lambda: viz.load_over_training(np.ones(E)), ValueError, "loads"),
+    "load_steps": (lambda: viz.load_over_training(GOOD_LOADS, steps=[0, 1]), ValueError, "steps"),
+    "load_entropy": (lambda: viz.load_over_training(GOOD_LOADS, entropy=[1.0]), ValueError, "entropy"),
+    "dropped_not_dict": (lambda: viz.dropped_vs_capacity([1.0], [0.1]), TypeError, "dropped"),
+    "dropped_empty": (lambda: viz.dropped_vs_capacity([1.0], {}), ValueError, "dropped"),
+    "dropped_length": (lambda: viz.dropped_vs_capacity([1.0, 2.0], {"a": [0.1]}), ValueError, "dropped"),
+    "dropped_percent": (lambda: viz.dropped_vs_capacity([1.0], {"a": [10.0]}), ValueError, "dropped"),
+    "capacity_zero": (lambda: viz.dropped_vs_capacity([0.0], {"a": [0.1]}), ValueError, "capacity_factors"),
+    "counts_1d": (lambda: viz.specialization_heatmap(np.ones(E)), ValueError, "counts"),
+    "counts_empty_class": (lambda: viz.specialization_heatmap(np.zeros((2, E))), ValueError, "counts"),
+    "class_names": (lambda: viz.specialization_heatmap(np.ones((2, E)), class_names=["a"]), ValueError,
+                    "class_names"),
+    "probs_above_one": (lambda: viz.router_probability_histogram(np.full((T, E), 1.5)), ValueError, "probs"),
+    "probs_1d": (lambda: viz.router_probability_histogram(np.ones(E) / E), ValueError, "probs"),
+    "bins": (lambda: viz.router_probability_histogram(np.ones((T, E)) / E, bins=0), ValueError, "bins"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_inputs_raise_naming_the_argument(case):
+    call, error, argument = BAD_INPUTS[case]
+    with pytest.raises(error, match=rf"\b{argument}\b"):
+        call()
