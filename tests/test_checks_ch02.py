@@ -3,16 +3,11 @@ message naming the task, and says "not implemented" for the exercise's stub."""
 
 import numpy as np
 import pytest
+from check_contract import assert_fails, assert_passes, assert_stub_not_implemented
 
 from minimoe.architectures import moe_ffn_counts
 from minimoe.checks import CheckFailure, ch02
 from minimoe.numpy_ref import gate, softmax, top_k
-
-
-def stub(task):
-    def not_done(*args):
-        raise NotImplementedError(f"task {task}")
-    return not_done
 
 
 def ffn_reference(d_model, d_hidden, num_experts, k, num_layers, num_shared_experts):
@@ -91,22 +86,18 @@ CASES = [
 
 @pytest.mark.parametrize("check, task, reference, wrong", CASES, ids=[c[1] for c in CASES])
 def test_check_passes_the_reference(check, task, reference, wrong, capsys):
-    check(reference)
-    assert capsys.readouterr().out == f"task {task}: PASS (3 random cases)\n"
+    assert_passes(check, task, reference, capsys)
 
 
 @pytest.mark.parametrize("check, task, wrong", [(c[0], c[1], w) for c in CASES for w in c[3]],
                          ids=[f"{c[1]}-wrong{i}" for c in CASES for i in range(len(c[3]))])
 def test_check_fails_wrong_answers_naming_the_task(check, task, wrong, capsys):
-    with pytest.raises(CheckFailure, match=f"task {task}"):
-        check(wrong)
-    assert "PASS" not in capsys.readouterr().out
+    assert_fails(check, task, wrong, capsys)
 
 
 @pytest.mark.parametrize("check, task", [(c[0], c[1]) for c in CASES], ids=[c[1] for c in CASES])
 def test_check_reports_a_stub_as_not_implemented(check, task):
-    with pytest.raises(CheckFailure, match=f"task {task}: not implemented"):
-        check(stub(task))
+    assert_stub_not_implemented(check, task)
 
 
 def test_hard_coded_answers_fail():
