@@ -19,7 +19,7 @@ from minimoe import _checks
 from minimoe.dispatch import expert_capacity, make_plan
 from minimoe.layer import MoELayer
 from minimoe.metrics import coefficient_of_variation, max_violation, mutual_information
-from minimoe.routing import ExpertChoiceRouter, NoisyTopKRouter, SwitchRouter, TopKRouter
+from minimoe.routing import ExpertChoiceRouter, HashRouter, NoisyTopKRouter, SwitchRouter, TopKRouter
 
 NUM_EXPERTS, D_HIDDEN = 8, 32  # every experiment's MoE layer: E experts of hidden width h
 EVAL_SEED = 10**6  # the held-out batch's sample seed; training batches use seed * 1_000_003 + step
@@ -404,7 +404,6 @@ def make_router(name: str, task: ClusterTask, *, bias_update_rate: float = 0.01,
     _checks.choice("name", name, ROUTERS)
     d, E = task.d_model, NUM_EXPERTS
     if name == "hash":
-        from minimoe.routing import HashRouter  # lazily: the newest router
         return HashRouter(d, E, task.vocab_size, k=1, seed=seed), 1
     return {"top2": lambda: (TopKRouter(d, E, 2), 2),
             "noisy_top2": lambda: (NoisyTopKRouter(d, E, 2), 2),
