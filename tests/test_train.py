@@ -1,0 +1,97 @@
+"""minimoe.train: the schedule, learning on the corpus, early stopping, the History, and
+checkpoints that resume bit-exactly."""
+
+import math
+
+import pytest
+import torch
+
+from minimoe.data import load_corpus
+from minimoe.model import MoETransformer, MoETransformerConfig
+from minimoe.train import History, TrainConfig, Trainer, evaluate, learning_rate
+
+TINY = dict(seq_len=32, d_model=32, n_layers=2, n_heads=4, d_hidden=32, num_experts=4, k=2)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_corpus()
+
+
+def test_learning_rate_warms_up_linearly_then_follows_the_cosine():
+    config = TrainConfig(steps=110, lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert [learning_rate(s, config) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    for step in (10, 40, 70, 109):
+        progress = (step - 10) / 99
+        assert learning_rate(step, config) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+    assert learning_rate(109, config) == pytest.approx(0.1)
+
+
+def test_a_few_dozen_steps_lower_the_loss(corpus):
+    torch.manual_seed(0)
+    model = MoETransformer(MoETransformerConfig(**TINY))
+    before = evaluate(model, corpus, num_batches=4, batch_size=16)
+    assert before == pytest.approx(math.log(96), abs=0.1)  # near-uniform at initialisation
+    history = Trainer(model, corpus, TrainConfig(steps=40, batch_size=16, eval_every=20)).run(progress=False)
+    assert history.val_step == [20, 40]
+    assert history.val_loss[-1] < before - 1.0
+    assert sum(history.loss[-5:]) / 5 < history.loss[0] - 0.8
+
+
+def test_history_records_every_step(corpus):
+    torch.manual_seed(0)
+    model = MoETransformer(MoETransformerConfig(**TINY, capacity_factor=1.0))
+    history = Trainer(model, corpus, TrainConfig(steps=6, batch_size=4, eval_every=100)).run(progress=False)
+    assert history.step == list(range(6)) and history.val_step == [6]
+    load = history.array("load")
+    assert load.shape == (6, 2, 4)
+    assert torch.allclose(torch.tensor(load.sum(-1)), torch.ones(6, 2, dtype=torch.float64))
+    dropped = history.array("dropped_fraction")
+    assert dropped.shape == (6, 2) and (dropped >= 0).all() and (dropped < 1).all()
+    assert all(a > 0 for a in history.aux_loss) and all(t > 0 for t in history.tokens_per_s)
+    with pytest.raises(ValueError, match="name must be a History field"):
+        history.array("accuracy")
+
+
+def test_max_seconds_stops_early_and_validates_on_the_way_out(corpus):
+    model = MoETransformer(MoETransformerConfig(**TINY))
+    history = Trainer(model, corpus, TrainConfig(steps=50, batch_size=4, max_seconds=1e-9)).run(progress=False)
+    assert history.step == [0] and history.val_step == [1]
+
+
+@pytest.mark.parametrize("router", ["noisy_topk", "sigmoid_bias"])  # global RNG; a bias buffer
+def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(corpus, tmp_path, router):
+    def fresh():
+        torch.manual_seed(5)
+        model = MoETransformer(MoETransformerConfig(**TINY, router=router, bias_update_rate=0.01))
+        return Trainer(model, corpus, TrainConfig(steps=8, batch_size=4, eval_every=3))
+
+    straight = fresh()
+    straight.run(progress=False)
+
+    interrupted = fresh()
+    interrupted.run(steps=4, progress=False)
+    interrupted.save(tmp_path / "run.pt")
+    torch.manual_seed(123)  # whatever happens between the runs must not matter
+    resumed = Trainer.load(tmp_path / "run.pt", corpus)
+    assert resumed.step == 4
+    resumed.run(progress=False)
+
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for field in ("step", "lr", "loss", "aux_loss", "z_loss", "load", "dropped_fraction", "val_step", "val_loss"):
+        assert getattr(straight.history, field) == getattr(resumed.history, field), field
+
+
+def test_bad_arguments_name_themselves(corpus):
+    with pytest.raises(ValueError, match="min_lr must be <= lr"):
+        TrainConfig(lr=1e-3, min_lr=1e-2)
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="max_seconds must be > 0"):
+        TrainConfig(max_seconds=0)
+    with pytest.raises(ValueError, match="vocab_size must equal the corpus's 96"):
+        Trainer(MoETransformer(MoETransformerConfig(**TINY, vocab_size=50)), corpus)
+    with pytest.raises(TypeError, match="model must be an MoETransformer"):
+        Trainer(torch.nn.Linear(2, 2), corpus)
+    assert History().step == []
