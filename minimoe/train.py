@@ -7,9 +7,10 @@ resume bit-exactly.
     trainer.save("run.pt"); trainer = Trainer.load("run.pt", corpus)
 """
 
+import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -185,3 +186,19 @@ class Trainer:
         trainer.history = History(**checkpoint["history"])
         torch.set_rng_state(checkpoint["rng"])
         return trainer
+
+
+def steps_for_budget(model: MoETransformer, corpus: Corpus, config: TrainConfig, seconds: float,
+                     calibration_steps: int = 5) -> int:
+    """How many steps of `config` `model` trains in about `seconds` on this machine, timed on a
+    copy (one untimed step, then calibration_steps timed ones); validation time not included.
+    Use it to give models of different speed the same wall-clock budget."""
+    if _checks.non_negative("seconds", seconds) == 0:
+        raise ValueError(f"seconds must be > 0, got {seconds}")
+    calibration_steps = _checks.positive_int("calibration_steps", calibration_steps)
+    trial = Trainer(copy.deepcopy(model), corpus, replace(config, steps=calibration_steps + 1))
+    trial.train_step()
+    started = time.perf_counter()
+    for _ in range(calibration_steps):
+        trial.train_step()
+    return max(1, int(seconds * calibration_steps / (time.perf_counter() - started)))

@@ -8,7 +8,7 @@ import torch
 
 from minimoe.data import load_corpus
 from minimoe.model import MoETransformer, MoETransformerConfig
-from minimoe.train import History, TrainConfig, Trainer, evaluate, learning_rate
+from minimoe.train import History, TrainConfig, Trainer, evaluate, learning_rate, steps_for_budget
 
 TINY = dict(seq_len=32, d_model=32, n_layers=2, n_heads=4, d_hidden=32, num_experts=4, k=2)
 
@@ -81,6 +81,18 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(corpus, tmp_path,
         assert torch.equal(a, b), name
     for field in ("step", "lr", "loss", "aux_loss", "z_loss", "load", "dropped_fraction", "val_step", "val_loss"):
         assert getattr(straight.history, field) == getattr(resumed.history, field), field
+
+
+def test_steps_for_budget_scales_with_the_budget_and_leaves_the_model_alone(corpus):
+    torch.manual_seed(0)
+    model = MoETransformer(MoETransformerConfig(**TINY))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = TrainConfig(batch_size=4)
+    short, long = (steps_for_budget(model, corpus, config, s, calibration_steps=3) for s in (0.05, 5.0))
+    assert 1 <= short and long >= 10 * short  # 100x the budget; a wide margin for timing noise
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="seconds must be > 0"):
+        steps_for_budget(model, corpus, config, 0)
 
 
 def test_bad_arguments_name_themselves(corpus):
