@@ -1,0 +1,142 @@
+"""minimoe.checks.ch07: every check passes a correct answer, fails common wrong answers with a
+message naming the task, and says "not implemented" for the exercise's stub."""
+
+import numpy as np
+import pytest
+import torch
+from check_contract import assert_fails, assert_passes, assert_stub_not_implemented
+
+from minimoe.checks import ch07
+from minimoe.model import MoETransformer
+
+# ---- correct answers, written as a learner would ----
+
+
+def block_forward(block, x):
+    h = x + block.attn(block.ln1(x))
+    return h + block.ffn(block.ln2(h))
+
+
+def ffn_params(config, width):
+    return (3 if config.activation == "swiglu" else 2) * config.d_model * width
+
+
+def active_params(config, routed="k", router=True, head_separate=False, positions=True, every_block=False,
+                  shared=True):
+    """The formula; the keyword arguments switch on the mistakes the tests expect to fail."""
+    d = config.d_model
+    total = config.vocab_size * d * (2 if head_separate else 1) + (config.seq_len * d if positions else 0) + 2 * d
+    for i in range(config.n_layers):
+        total += 4 * d + 4 * d * d
+        if config.is_moe_block(i) or (every_block and config.is_moe):
+            experts = config.k if routed == "k" else config.num_experts
+            total += d * config.num_experts * router
+            total += ffn_params(config, config.d_hidden) * (experts + config.num_shared_experts * shared)
+        else:
+            total += ffn_params(config, config.active_hidden)
+    return total
+
+
+def active_params_by_building(config):
+    """Also correct: count the idle experts of a built model and subtract them."""
+    model = MoETransformer(config)
+    idle = sum((layer.num_experts - layer.k) * sum(p[0].numel() for p in layer.experts.parameters())
+               for layer in model.moe_layers)
+    return sum(p.numel() for p in model.parameters()) - idle
+
+
+def specialization_counts(domains, expert_idx, num_domains, num_experts):
+    pairs = domains[..., None] * num_experts + expert_idx
+    return torch.bincount(pairs.reshape(-1), minlength=num_domains * num_experts).view(num_domains, num_experts)
+
+
+def specialization_counts_loop(domains, expert_idx, num_domains, num_experts):
+    counts = torch.zeros(num_domains, num_experts, dtype=torch.int64)
+    for d, experts in zip(domains.reshape(-1).tolist(), expert_idx.reshape(domains.numel(), -1).tolist(), strict=True):
+        for e in experts:
+            counts[d, e] += 1
+    return counts
+
+
+def mutual_information(counts, log=np.log2):
+    p = counts.double().numpy() / counts.sum().item()
+    independent = p.sum(1, keepdims=True) * p.sum(0, keepdims=True)
+    nz = p > 0
+    return float((p[nz] * log(p[nz] / independent[nz])).sum())
+
+
+def entropy(p):
+    p = p[p > 0]
+    return -(p * np.log2(p)).sum()
+
+
+def mutual_information_by_entropies(counts):
+    """Also correct: H(expert) - H(expert | domain)."""
+    p = counts.double().numpy() / counts.sum().item()
+    rows = p.sum(1)
+    conditional = sum(rows[d] * entropy(p[d] / rows[d]) for d in range(len(rows)) if rows[d] > 0)
+    return float(entropy(p.sum(0)) - conditional)
+
+
+def mutual_information_nan_on_zeros(counts):
+    p = counts.double() / counts.sum()
+    independent = p.sum(1, keepdim=True) * p.sum(0, keepdim=True)
+    return float((p * (p / independent).log2()).sum())
+
+
+CASES = [
+    (ch07.check_block_forward, "7.1", [block_forward, lambda block, x: block(x)], [
+        lambda block, x: block.ln1(x + block.attn(x)) + block.ffn(block.ln2(x)),            # post-norm
+        lambda block, x: x + block.attn(block.ln1(x)),                                       # no FFN
+        lambda block, x: x + block.attn(block.ln1(x)) + block.ffn(block.ln2(x)),             # parallel block
+        lambda block, x: block_forward(block, x) - x,                                        # no residual
+        lambda block, x: (h := x + block.attn(block.ln1(x))) + block.ffn(h),                 # no ln2
+    ]),
+    (ch07.check_active_params, "7.2", [active_params, active_params_by_building], [
+        lambda config: active_params(config, routed="all"),
+        lambda config: active_params(config, router=False),
+        lambda config: active_params(config, head_separate=True),
+        lambda config: active_params(config, positions=False),
+        lambda config: active_params(config, every_block=True),
+        lambda config: active_params(config, shared=False),
+    ]),
+    (ch07.check_specialization_counts, "7.3", [specialization_counts, specialization_counts_loop], [
+        lambda d, idx, D, E: specialization_counts(d, idx[..., :1], D, E),                  # first choice only
+        lambda d, idx, D, E: specialization_counts(d, idx, D, E).T,                          # [E, D]
+        lambda d, idx, D, E: specialization_counts(d, idx, D, E) / d.numel(),               # fractions
+        lambda d, idx, D, E: specialization_counts(d.roll(1, -1), idx, D, E),               # next token's domain
+    ]),
+    (ch07.check_mutual_information, "7.4", [mutual_information, mutual_information_by_entropies], [
+        lambda counts: mutual_information(counts, log=np.log),                               # nats
+        mutual_information_nan_on_zeros,
+        lambda counts: float(entropy(counts.double().numpy().sum(0) / counts.sum().item())),  # H(expert)
+        lambda counts: mutual_information(counts.T[:, :1].repeat(1, 2)),                    # wrong table
+    ]),
+]
+
+
+@pytest.mark.parametrize("check, task, correct", [(c[0], c[1], a) for c in CASES for a in c[2]],
+                         ids=[f"{c[1]}-correct{i}" for c in CASES for i in range(len(c[2]))])
+def test_check_passes_correct_answers(check, task, correct, capsys):
+    assert_passes(check, task, correct, capsys)
+
+
+@pytest.mark.parametrize("check, task, wrong", [(c[0], c[1], w) for c in CASES for w in c[3]],
+                         ids=[f"{c[1]}-wrong{i}" for c in CASES for i in range(len(c[3]))])
+def test_check_fails_wrong_answers_naming_the_task(check, task, wrong, capsys):
+    assert_fails(check, task, wrong, capsys)
+
+
+@pytest.mark.parametrize("check, task", [(c[0], c[1]) for c in CASES], ids=[c[1] for c in CASES])
+def test_check_reports_a_stub_as_not_implemented(check, task):
+    assert_stub_not_implemented(check, task)
+
+
+def test_cases_cover_what_the_wrong_answers_get_wrong():
+    """Configs cover moe_every=2, shared experts, both activations and k=1, 2; some routing sample has k=2."""
+    configs = [ch07._config(np.random.default_rng(1000 * case + 7)) for case in range(3)]
+    assert any(c.moe_every == 2 and c.n_layers >= 2 for c in configs) and any(c.moe_every == 1 for c in configs)
+    assert any(c.num_shared_experts for c in configs) and {c.activation for c in configs} == {"swiglu", "gelu"}
+    assert {c.k for c in configs} == {1, 2}
+    samples = [ch07._routing_sample(np.random.default_rng(1000 * case + 7)) for case in range(3)]
+    assert any(s[1].shape[-1] == 2 for s in samples)
