@@ -7,7 +7,6 @@ resume bit-exactly.
     trainer.save("run.pt"); trainer = Trainer.load("run.pt", corpus)
 """
 
-import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -196,7 +195,9 @@ def steps_for_budget(model: MoETransformer, corpus: Corpus, config: TrainConfig,
     if _checks.non_negative("seconds", seconds) == 0:
         raise ValueError(f"seconds must be > 0, got {seconds}")
     calibration_steps = _checks.positive_int("calibration_steps", calibration_steps)
-    trial = Trainer(copy.deepcopy(model), corpus, replace(config, steps=calibration_steps + 1))
+    twin = MoETransformer(model.config)  # not deepcopy: the last forward's losses are graph tensors
+    twin.load_state_dict(model.state_dict())
+    trial = Trainer(twin, corpus, replace(config, steps=calibration_steps + 1))
     trial.train_step()
     started = time.perf_counter()
     for _ in range(calibration_steps):
