@@ -67,7 +67,8 @@ def _heatmap(ax, data: np.ndarray, colorbar_label: str, vmax: float | None, **kw
 
 def routing_heatmap(weights_or_routing, num_experts: int | None = None, tokens=None,
                     title: str = "Routing: combine weight per token and expert") -> Figure:
-    """Tokens x experts matrix of combine weights (0 where a token does not visit an expert).
+    """Tokens x experts matrix of combine weights; cells where a token does not visit an expert
+    are left blank, so a small weight never looks like "not routed".
 
     weights_or_routing: a `Routing` (its expert_idx, weights and mask are scattered into [T, E])
         or a dense [T, E] tensor / array.
@@ -88,8 +89,9 @@ def routing_heatmap(weights_or_routing, num_experts: int | None = None, tokens=N
     fig = Figure(figsize=(1.2 + 0.45 * E, 1.5 + 0.22 * min(T, 60)), layout="constrained")
     ax = fig.add_subplot()
     _heatmap(ax, data, "combine weight (unitless)", vmax=max(1.0, data.max()), fmt=".2f",
-             yticklabels=tokens or "auto")
-    ax.set(title=title, xlabel="expert", ylabel="token" if tokens is not None else "token (position)")
+             yticklabels=tokens or "auto", mask=data == 0)
+    ax.set(title=title + " (blank: not routed)", xlabel="expert",
+           ylabel="token" if tokens is not None else "token (position)")
     return fig
 
 

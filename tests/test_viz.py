@@ -41,9 +41,14 @@ def assert_labelled(fig: Figure) -> None:
 
 
 def quadmesh(ax) -> np.ndarray:
-    """The data of a seaborn heatmap, [rows, columns]."""
+    """The data of a seaborn heatmap, [rows, columns], masked (blank) cells read as 0."""
     (mesh,) = [c for c in ax.collections if isinstance(c, QuadMesh)]
-    return np.asarray(mesh.get_array())
+    return np.ma.filled(mesh.get_array(), 0.0)
+
+
+def blank_cells(ax) -> np.ndarray:
+    (mesh,) = [c for c in ax.collections if isinstance(c, QuadMesh)]
+    return np.ma.getmaskarray(mesh.get_array())
 
 
 def routing_of(seed: int = 0) -> Routing:
@@ -113,6 +118,7 @@ def test_routing_heatmap_of_a_routing_shows_its_combine_weights(source):
     assert isinstance(fig, Figure)
     ax = fig.axes[0]
     np.testing.assert_allclose(quadmesh(ax), dense_by_loop(routing), rtol=1e-6)
+    np.testing.assert_array_equal(blank_cells(ax), dense_by_loop(routing) == 0)  # not routed: blank
     assert [label.get_text() for label in ax.get_yticklabels()] == tokens
     assert_labelled(fig)
     assert colorbar_axes(fig)

@@ -27,7 +27,8 @@ def _config(rng: np.random.Generator) -> MoETransformerConfig:
     n_heads = int(rng.integers(1, 4))
     num_experts = int(rng.integers(3, 9))
     return MoETransformerConfig(
-        vocab_size=int(rng.integers(20, 100)), seq_len=int(rng.integers(8, 33)), d_model=4 * n_heads * int(rng.integers(1, 4)),
+        vocab_size=int(rng.integers(20, 100)), seq_len=int(rng.integers(8, 33)),
+        d_model=4 * n_heads * int(rng.integers(1, 4)),
         n_layers=int(rng.integers(2, 5)), n_heads=n_heads, d_hidden=int(rng.integers(4, 17)), num_experts=num_experts,
         k=1 + (variant >> 3), moe_every=1 + (variant & 1), num_shared_experts=(variant >> 1) & 1,
         activation=("swiglu", "gelu")[(variant >> 2) & 1])
