@@ -1,0 +1,170 @@
+"""Checks for chapter 06 (capacity and token dropping): one function per task.
+
+6.1 expert_capacity(num_tokens, num_experts, k, capacity_factor)
+                                   int: ceil(k * T * capacity_factor / E), computed exactly (the
+                                   factor taken as the decimal it is written as)
+6.2 keep_mask_position(expert_idx, num_experts, capacity)
+                                   kept [T, k] bool: each expert takes at most `capacity`
+                                   assignments, slot by slot (every token's first choice before any
+                                   second choice), in token order within a slot (GShard, Switch)
+6.3 keep_mask_score(expert_idx, weights, num_experts, capacity)
+                                   kept [T, k] bool: each expert keeps its `capacity` assignments
+                                   with the largest combine weights
+6.4 dropless_capacity_factor(expert_idx, num_experts)
+                                   float: the busiest expert's load over the mean load T * k / E,
+                                   the capacity factor at which k * T * factor / E equals that load
+
+The references are minimoe's own: `minimoe.dispatch.expert_capacity` and `make_plan(...).kept`
+with policy "position" or "score"; 6.4 is its formula over `minimoe.metrics.expert_load`.
+Inputs: k distinct experts per token with uneven expert popularity (some experts overflow, some
+do not, and sometimes the last expert gets nothing), capacities from factors 0.75 to 1.25, and
+continuous random combine weights (no ties). Task 6.1's cases are tables of rows, each row
+checked on its own, and include rows where the exact value is a whole number but floating-point
+arithmetic, in any of the usual orders of operations, lands just above it.
+"""
+
+import math
+import numbers
+from fractions import Fraction
+
+import numpy as np
+import torch
+
+from minimoe.checks import CheckFailure, run_check
+from minimoe.dispatch import expert_capacity, make_plan
+from minimoe.metrics import expert_load
+
+__all__ = ["check_dropless_capacity_factor", "check_expert_capacity", "check_keep_mask_position",
+           "check_keep_mask_score"]
+
+# The float formulas a learner may write; a case row "traps" them all when each one's ceiling is
+# one more than the exact ceiling.
+_FLOAT_FORMULAS = (
+    lambda T, E, k, cf: k * T * cf / E,
+    lambda T, E, k, cf: cf * k * T / E,
+    lambda T, E, k, cf: T * k / E * cf,
+    lambda T, E, k, cf: T / E * cf * k,
+    lambda T, E, k, cf: k * (T * cf) / E,
+    lambda T, E, k, cf: cf * (k * T / E),
+)
+
+
+def _capacity_row(rng: np.random.Generator) -> tuple[int, int, int, float]:
+    """(T, E, k, capacity_factor) with 2 <= E <= 64, 1 <= k <= min(E, 8) and a factor with two
+    decimals in [0.25, 3]."""
+    num_experts = int(rng.integers(2, 65))
+    k = int(rng.integers(1, min(num_experts, 8) + 1))
+    return int(rng.integers(1, 5001)), num_experts, k, int(rng.integers(25, 301)) / 100
+
+
+def _float_trap_row(rng: np.random.Generator) -> tuple[int, int, int, float]:
+    """A row whose exact capacity k * T * cf / E is a whole number that every formula of
+    _FLOAT_FORMULAS computes as slightly more (so its ceiling is one too many)."""
+    while True:
+        _, num_experts, k, factor = _capacity_row(rng)
+        hundredths = round(factor * 100)
+        step = 100 * num_experts // math.gcd(k * hundredths, 100 * num_experts)  # T multiple of it: whole
+        num_tokens = step * int(rng.integers(1, max(2, 5000 // step)))
+        exact = k * num_tokens * hundredths // (100 * num_experts)
+        if all(math.ceil(f(num_tokens, num_experts, k, factor)) == exact + 1 for f in _FLOAT_FORMULAS):
+            return num_tokens, num_experts, k, factor
+
+
+def capacity_inputs(rng: np.random.Generator) -> tuple[list]:
+    """Task 6.1's argument: a table of 12 random rows and 2 float-trap rows, shuffled."""
+    rows = [_capacity_row(rng) for _ in range(12)] + [_float_trap_row(rng) for _ in range(2)]
+    return ([rows[i] for i in rng.permutation(len(rows))],)
+
+
+def _row_by_row(task: str, fn):
+    """Table of (T, E, k, capacity_factor) rows -> {"expert_capacity(T, E, k, cf)": fn's int}."""
+    def apply(rows):
+        results = {}
+        for num_tokens, num_experts, k, factor in rows:
+            call = f"expert_capacity({num_tokens}, {num_experts}, {k}, {factor})"
+            value = fn(num_tokens, num_experts, k, factor)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise CheckFailure(f"task {task}: {call} returned {value!r} ({type(value).__name__}); "
+                                   "expected an int (a number of slots)")
+            results[call] = value
+        return results
+    return apply
+
+
+def check_expert_capacity(learner_expert_capacity):
+    """Task 6.1: expert_capacity(num_tokens, num_experts, k, capacity_factor) -> int,
+    ceil(k * T * capacity_factor / E) exactly (capacity_factor as the decimal it is written as)."""
+    if not callable(learner_expert_capacity):
+        raise CheckFailure(f"task 6.1: expected a function, got {type(learner_expert_capacity).__name__}")
+    run_check("6.1", _row_by_row("6.1", learner_expert_capacity), _row_by_row("6.1", expert_capacity),
+              capacity_inputs, atol=0, rtol=0)
+
+
+def _expert_idx(rng: np.random.Generator, num_tokens: int, num_experts: int, k: int) -> torch.Tensor:
+    """[T, k] int64, k distinct experts per token, best first. Loads are uneven (Dirichlet
+    popularity), and in about half the cases the last expert gets no token at all."""
+    popularity = rng.dirichlet(np.full(num_experts, 1.5))
+    if rng.random() < 0.5 and k < num_experts:
+        popularity[-1] = 0.0
+    popularity /= popularity.sum()
+    rows = [rng.choice(num_experts, size=k, replace=False, p=popularity) for _ in range(num_tokens)]
+    return torch.from_numpy(np.array(rows, dtype=np.int64).reshape(num_tokens, k))
+
+
+def _routing_inputs(rng: np.random.Generator) -> tuple[torch.Tensor, int, int]:
+    """(expert_idx [T, k], E, capacity) with 6 <= E <= 12, k = 2 or 3 and the capacity of a
+    factor in [0.75, 1.25]: the popular experts overflow, and slot order matters."""
+    num_experts = int(rng.integers(6, 13))
+    num_tokens, k = int(rng.integers(24, 65)), int(rng.integers(2, 4))
+    expert_idx = _expert_idx(rng, num_tokens, num_experts, k)
+    return expert_idx, num_experts, expert_capacity(num_tokens, num_experts, k, float(rng.uniform(0.75, 1.25)))
+
+
+def position_inputs(rng: np.random.Generator) -> tuple[torch.Tensor, int, int]:
+    """Task 6.2's arguments: expert_idx [T, k], num_experts, capacity."""
+    return _routing_inputs(rng)
+
+
+def score_inputs(rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Task 6.3's arguments: expert_idx [T, k], weights [T, k] (float32, rows sum to 1, best
+    first, as a renormalised top-k router gives them), num_experts, capacity."""
+    expert_idx, num_experts, capacity = _routing_inputs(rng)
+    weights = -np.sort(-rng.dirichlet(np.ones(expert_idx.shape[1]), size=expert_idx.shape[0]), axis=1)
+    return expert_idx, torch.from_numpy(weights.astype(np.float32)), num_experts, capacity
+
+
+def check_keep_mask_position(learner_keep_mask_position):
+    """Task 6.2: keep_mask_position(expert_idx [T, k], num_experts, capacity) -> kept [T, k] bool,
+    position priority: assignments (t, j) in the order j = 0 for t = 0..T-1, then j = 1, ...;
+    each expert keeps the first `capacity` that reach it."""
+    def reference(expert_idx, num_experts, capacity):
+        return make_plan(expert_idx, num_experts, capacity, policy="position").kept
+
+    run_check("6.2", learner_keep_mask_position, reference, position_inputs, atol=0, rtol=0)
+
+
+def check_keep_mask_score(learner_keep_mask_score):
+    """Task 6.3: keep_mask_score(expert_idx [T, k], weights [T, k], num_experts, capacity) ->
+    kept [T, k] bool, score priority: each expert keeps its `capacity` assignments with the
+    largest weights (all of them if it has no more)."""
+    def reference(expert_idx, weights, num_experts, capacity):
+        return make_plan(expert_idx, num_experts, capacity, policy="score", weights=weights).kept
+
+    run_check("6.3", learner_keep_mask_score, reference, score_inputs, atol=0, rtol=0)
+
+
+def dropless_inputs(rng: np.random.Generator) -> tuple[torch.Tensor, int]:
+    """Task 6.4's arguments: expert_idx [T, k] (1 <= k <= 4, uneven loads) and num_experts."""
+    num_experts = int(rng.integers(4, 13))
+    num_tokens, k = int(rng.integers(24, 129)), int(rng.integers(1, min(4, num_experts - 1) + 1))
+    return _expert_idx(rng, num_tokens, num_experts, k), num_experts
+
+
+def check_dropless_capacity_factor(learner_dropless_capacity_factor):
+    """Task 6.4: dropless_capacity_factor(expert_idx [T, k], num_experts) -> float,
+    max_e load_e / (T * k / E) with load_e the assignments to expert e."""
+    def reference(expert_idx, num_experts):
+        num_tokens, k = expert_idx.shape
+        return float(Fraction(int(expert_load(expert_idx, num_experts).max()) * num_experts, num_tokens * k))
+
+    run_check("6.4", learner_dropless_capacity_factor, reference, dropless_inputs)
