@@ -4,8 +4,10 @@ load_balancing_loss: Switch Transformer (Fedus et al. 2021, eq. 4), generalised 
     L = E * sum_i f_i * P_i,
     f_i = (assignments routed to expert i) / (number of assignments)    [counts, no gradient]
     P_i = mean over tokens of the router probability of expert i        [carries the gradient]
-Both f and P sum to 1, so L = 1 exactly when P is uniform (for any f and any k), and L >= 1
-is approached when routing is balanced. Rows of `probs` are renormalised to sum to 1 first:
+Both f and P sum to 1, so L = 1 exactly when P is uniform (for any f) or f is uniform (for any
+P), at any k; it grows to E when one expert takes every token with probability 1. It is not
+bounded below by 1: f and P of one finite batch can anti-correlate slightly (L < 1), so treat 1
+as the balanced target, not a floor. Rows of `probs` are renormalised to sum to 1 first:
 a no-op for softmax scores, DeepSeek-V3's convention for sigmoid scores.
 
 router_z_loss: ST-MoE (Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2.
