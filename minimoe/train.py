@@ -188,10 +188,11 @@ class Trainer:
 
 
 def steps_for_budget(model: MoETransformer, corpus: Corpus, config: TrainConfig, seconds: float,
-                     calibration_steps: int = 5) -> int:
-    """How many steps of `config` `model` trains in about `seconds` on this machine, timed on a
-    copy (one untimed step, then calibration_steps timed ones); validation time not included.
-    Use it to give models of different speed the same wall-clock budget."""
+                     calibration_steps: int = 8) -> int:
+    """How many steps of `config` `model` trains in about `seconds` on this machine: the budget
+    over the median time of calibration_steps steps on a copy (after one untimed step; the median
+    ignores a step slowed by another process). Validation time is not included. Use it to give
+    models of different speed the same wall-clock budget."""
     if _checks.non_negative("seconds", seconds) == 0:
         raise ValueError(f"seconds must be > 0, got {seconds}")
     calibration_steps = _checks.positive_int("calibration_steps", calibration_steps)
@@ -199,7 +200,9 @@ def steps_for_budget(model: MoETransformer, corpus: Corpus, config: TrainConfig,
     twin.load_state_dict(model.state_dict())
     trial = Trainer(twin, corpus, replace(config, steps=calibration_steps + 1))
     trial.train_step()
-    started = time.perf_counter()
+    durations = []
     for _ in range(calibration_steps):
+        started = time.perf_counter()
         trial.train_step()
-    return max(1, int(seconds * calibration_steps / (time.perf_counter() - started)))
+        durations.append(time.perf_counter() - started)
+    return max(1, int(seconds / float(np.median(durations))))
