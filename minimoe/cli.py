@@ -19,6 +19,17 @@ def _version(module: str) -> str | None:
         return None
 
 
+def _kernel_mode() -> str:
+    """How chapter 11's Triton kernels run on this machine (importing them sets up Triton)."""
+    try:
+        from minimoe import kernels
+    except Exception as error:  # noqa: BLE001  (a broken Triton must not crash the doctor)
+        return f"cannot load minimoe.kernels: {error}"
+    return {"compiled": "Triton kernels compiled for the GPU",
+            "interpreted": "Triton kernels interpreted on CPU (TRITON_INTERPRET=1, slow)",
+            "torch": "torch fallback (Triton cannot run here)"}[kernels.MODE]
+
+
 def doctor() -> int:
     """Print versions and accelerators, and what the course will skip on this machine."""
     versions = {"python": platform.python_version()}
@@ -33,6 +44,7 @@ def doctor() -> int:
     names = ", ".join(torch.cuda.get_device_name(i) for i in range(gpus))
     print(f"{'cuda':<11} {f'{gpus} GPU(s): {names}' if gpus else 'no GPU'}")
     print(f"{'cpu threads':<11} {torch.get_num_threads()}")
+    print(f"{'kernels':<11} {_kernel_mode()}")
 
     skipped = []
     if not gpus:

@@ -13,7 +13,16 @@ from minimoe.losses import load_balancing_loss, router_z_loss
 from minimoe.metrics import load_entropy
 from minimoe.routing import ExpertChoiceRouter, Router, TopKRouter
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "triton")
+
+
+def _dispatch_functions(backend: str):
+    """(permute, unpermute) of a backend: minimoe.dispatch's torch ops, or minimoe.kernels'
+    Triton kernels (imported only when asked for: importing them sets up Triton)."""
+    if backend == "triton":
+        from minimoe.kernels import triton_permute, triton_unpermute
+        return triton_permute, triton_unpermute
+    return permute, unpermute
 
 
 @dataclass
@@ -43,10 +52,16 @@ class MoELayer(nn.Module):
         "score"); a dropped assignment adds nothing (the residual stream carries the token).
     num_shared_experts: always-on experts of width d_hidden (DeepSeekMoE), stored as one dense
         FFN of width num_shared_experts * d_hidden, which computes exactly their sum.
+    backend: "torch" permutes with index_select / index_add; "triton" with the kernels of
+        `minimoe.kernels` (compiled on a GPU, interpreted and slow on CPU), same results.
     After each call: `aux_loss` (Switch load balancing) and `z_loss` (router z-loss) are
     differentiable scalars; `stats` is a detached `MoEStats`. The layer never updates the
     router's balancing bias itself: call `layer.router.update_bias(layer.stats.tokens_per_expert)`
     once per training step for aux-loss-free balancing.
+    available_experts: None (all experts usable) or a bool [E] tensor, set as an attribute
+        (e.g. at inference, when experts fail or are offloaded); every call passes it to the
+        router, which never selects a False expert and renormalises the weights over the rest
+        (`minimoe.routing`; a HashRouter refuses a mask that excludes any expert).
     """
 
     def __init__(self, d_model: int, d_hidden: int, num_experts: int, k: int = 2, *,
@@ -74,6 +89,7 @@ class MoELayer(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         self.z_loss: torch.Tensor | None = None
         self.stats: MoEStats | None = None
+        self.available_experts: torch.Tensor | None = None
 
     def _check_router(self) -> None:
         router = self.router
@@ -93,16 +109,17 @@ class MoELayer(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
         tokens = x.reshape(-1, self.d_model)
-        routing = self.router.route(x, token_ids)
+        routing = self.router.route(x, token_ids, self.available_experts)
         capacity = None
         if self.capacity_factor is not None:
             capacity = expert_capacity(tokens.shape[0], self.num_experts, self.k, self.capacity_factor)
         plan = make_plan(routing.expert_idx, self.num_experts, capacity, self.drop_policy,
                          routing.weights, routing.mask)
         # the combine weights scale rows inside the experts, where it is cheapest
-        expert_out = self.experts(permute(tokens, plan), plan.tokens_per_expert,
+        permute_fn, unpermute_fn = _dispatch_functions(self.backend)
+        expert_out = self.experts(permute_fn(tokens, plan), plan.tokens_per_expert,
                                   sorted_weights(routing.weights, plan))
-        out = unpermute(expert_out, plan, weights=None)
+        out = unpermute_fn(expert_out, plan, weights=None)
         if self.shared is not None:
             out = out + self.shared(tokens)
 

@@ -1,7 +1,10 @@
 """Routers: which experts each token visits, and with what combine weight.
 
 Every router maps x [..., d] (leading dims are flattened to T tokens) to a `Routing`; a router
-with `needs_token_ids` (HashRouter) also reads the token ids [...]. Router math runs in
+with `needs_token_ids` (HashRouter) also reads the token ids [...]. At inference a router can be
+told that some experts are unavailable (failed, offloaded, pruned): `available_experts`, a bool
+[E] tensor, excludes the False ones from selection, and the weights renormalise over the rest
+(see each router's docstring; HashRouter cannot, and says so). Router math runs in
 at least float32 whatever the input dtype: softmax over low-precision logits is where MoE
 training goes unstable (Switch Transformer, Fedus et al. 2021, section 2.4).
 """
@@ -48,16 +51,34 @@ class Router(nn.Module):
         self.num_experts = _checks.positive_int("num_experts", num_experts)
         self.proj = nn.Linear(d_model, num_experts, bias=False) if learned else None
 
-    def route(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> Routing:
+    def route(self, x: torch.Tensor, token_ids: torch.Tensor | None = None,
+              available_experts: torch.Tensor | None = None) -> Routing:
         """self(x), or self(x, token_ids) for a router that needs them; token ids given to a
-        router that does not read them are an error, not silently ignored."""
+        router that does not read them are an error, not silently ignored. available_experts
+        (bool [E] or None) is passed on only when given."""
         name = type(self).__name__
         if self.needs_token_ids and token_ids is None:
             raise ValueError(f"token_ids must be given: {name} routes on token ids, got None")
         if not self.needs_token_ids and token_ids is not None:
             raise ValueError(f"token_ids must be None: {name} does not route on token ids, got a "
                              f"{type(token_ids).__name__}")
-        return self(x) if token_ids is None else self(x, token_ids)
+        args = (x,) if token_ids is None else (x, token_ids)
+        return self(*args) if available_experts is None else self(*args, available_experts=available_experts)
+
+    def _available(self, available_experts: torch.Tensor | None, k: int) -> torch.Tensor | None:
+        """Check available_experts: None, or a bool [E] tensor leaving at least k experts."""
+        if available_experts is None:
+            return None
+        _checks.tensor("available_experts", available_experts, ndim=1)
+        _checks.same_shape("available_experts", available_experts, (self.num_experts,), "num_experts")
+        if available_experts.dtype != torch.bool:
+            raise TypeError(f"available_experts must be a bool tensor, got dtype {available_experts.dtype}")
+        count = int(available_experts.sum())
+        if count < k:
+            what = "every expert is masked" if count == 0 else f"only {count} available"
+            raise ValueError(f"available_experts must leave at least k={k} of the {self.num_experts} experts "
+                             f"available, got {what}")
+        return available_experts
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d] -> [T, d]."""
@@ -82,6 +103,9 @@ class TopKRouter(Router):
     noise_std adds N(0, noise_std^2) to the logits in training mode only.
     bias_update_rate > 0 keeps `expert_bias` [E] (DeepSeek-V3 auxiliary-loss-free balancing,
     Wang et al. 2024): the bias is added to the scores to *select* experts, never to the weights.
+    forward(x, available_experts=None): a bool [E] mask (at least k True); masked experts get
+    logit -inf (probs 0, for softmax the rest renormalise) and are never selected, whatever
+    their bias.
     """
 
     def __init__(self, d_model: int, num_experts: int, k: int = 2, *, score: str = "softmax",
@@ -99,13 +123,18 @@ class TopKRouter(Router):
         else:
             self.expert_bias = None
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, available_experts: torch.Tensor | None = None) -> Routing:
+        available = self._available(available_experts, self.k)
         _, logits = self._flat_logits(x)
         routed = logits
         if self.training and self.noise_std > 0:
             routed = logits + self.noise_std * torch.randn_like(logits)
+        if available is not None:
+            routed = routed.masked_fill(~available.to(routed.device), float("-inf"))
         probs = routed.softmax(-1) if self.score == "softmax" else routed.sigmoid()
         selection = probs if self.expert_bias is None else probs + self.expert_bias
+        if available is not None:
+            selection = selection.masked_fill(~available.to(routed.device), float("-inf"))
         expert_idx = selection.topk(self.k, dim=-1).indices
         weights = probs.gather(-1, expert_idx)
         if self.normalize:
@@ -138,6 +167,8 @@ class NoisyTopKRouter(Router):
     H = x W_g + eps * softplus(x W_noise), eps ~ N(0, 1) in training only; the k largest H are
     kept and weights = softmax over them. `probs` is softmax(H) over all experts.
     W_noise starts at zero, so the initial noise std is softplus(0) = ln 2.
+    available_experts (bool [E], at least k True): masked experts get H = -inf, so they are
+    never kept and `probs` gives them 0.
     """
 
     def __init__(self, d_model: int, num_experts: int, k: int = 2):
@@ -148,12 +179,15 @@ class NoisyTopKRouter(Router):
         self.noise_proj = nn.Linear(d_model, num_experts, bias=False)
         nn.init.zeros_(self.noise_proj.weight)
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, available_experts: torch.Tensor | None = None) -> Routing:
+        available = self._available(available_experts, self.k)
         x, logits = self._flat_logits(x)
         routed = logits
         if self.training:
             noise_std = F.softplus(F.linear(x.to(logits.dtype), self.noise_proj.weight.to(logits.dtype)))
             routed = logits + torch.randn_like(logits) * noise_std
+        if available is not None:
+            routed = routed.masked_fill(~available.to(routed.device), float("-inf"))
         top = routed.topk(self.k, dim=-1)
         return Routing(logits, routed.softmax(-1), top.indices, top.values.softmax(-1))
 
@@ -165,6 +199,8 @@ class ExpertChoiceRouter(Router):
     Returns token-major slots: expert_idx [T, m] with m the most experts any token got, best
     first, and `mask` marking the filled slots. The choice looks at the whole batch, so it is
     not causal: fine for training and encoders, a leak for autoregressive decoding.
+    available_experts (bool [E], at least one True): masked experts take no token and get
+    probability 0 (softmax over the others); the others still take their C tokens each.
     """
 
     def __init__(self, d_model: int, num_experts: int, capacity_factor: float = 1.0):
@@ -173,14 +209,18 @@ class ExpertChoiceRouter(Router):
             raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
         self.capacity_factor = float(capacity_factor)
 
-    def forward(self, x: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, available_experts: torch.Tensor | None = None) -> Routing:
+        available = self._available(available_experts, 1)
         _, logits = self._flat_logits(x)
-        probs = logits.softmax(-1)
+        routed = logits if available is None else logits.masked_fill(~available.to(logits.device), float("-inf"))
+        probs = routed.softmax(-1)
         T = probs.shape[0]
         capacity = min(T, expert_capacity(T, self.num_experts, 1, self.capacity_factor))
         chosen_tokens = probs.topk(capacity, dim=0).indices  # [C, E]
         chosen = torch.zeros_like(probs, dtype=torch.bool)
         chosen.scatter_(0, chosen_tokens, True)
+        if available is not None:
+            chosen &= available.to(chosen.device)
         slots = int(chosen.sum(-1).max())
         ranked = torch.where(chosen, probs.detach(), -1.0).topk(slots, dim=-1).indices
         mask = chosen.gather(-1, ranked)
@@ -199,6 +239,8 @@ class HashRouter(Router):
     There is no gate to learn, so every chosen expert's output counts equally: weights = 1/k.
     logits are zeros and probs uniform 1/E: the z-loss is the constant log(E)^2 and the
     load-balancing loss exactly 1, neither with a gradient.
+    It cannot route around a masked expert (the table is fixed, and a token hashed to it would
+    silently lose that expert): an available_experts mask with any False is an error.
     """
 
     needs_token_ids = True
@@ -227,8 +269,13 @@ class HashRouter(Router):
             rows.append(row)
         return torch.tensor(rows, dtype=torch.int64)
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> Routing:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor,
+                available_experts: torch.Tensor | None = None) -> Routing:
         """x [..., d], token_ids [...] integers in [0, vocab_size) -> Routing over T tokens."""
+        available = self._available(available_experts, self.k)
+        if available is not None and not bool(available.all()):
+            raise ValueError("available_experts must be all True for a HashRouter: its fixed table sends "
+                             "token ids to masked experts; re-deal the table over the available experts instead")
         tokens = self._flat(x)
         _checks.tensor("token_ids", token_ids)
         _checks.same_shape("token_ids", token_ids, x.shape[:-1], "x's leading dimensions")

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from minimoe.layer import MoELayer
 from minimoe.reference import kept_assignments, moe_loop
@@ -127,6 +128,22 @@ def test_grouped_mm_and_fallback_paths_match_loop(monkeypatch, d_model, d_hidden
     layer = build_layer(d_model=d_model, d_hidden=d_hidden, capacity_factor=1.0)
     assert_matches_loop(layer, random_input((24, d_model)))
     assert bool(calls) == grouped
+
+
+def _grouped_mm_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """FlopCounterMode has no formula for grouped_mm: rows [S, a] @ per-group [a, b] is 2 * S * a * b."""
+    return 2 * x_shape[0] * x_shape[1] * w_shape[-1]
+
+
+@pytest.mark.parametrize(("d_model", "k"), [(16, 1), (16, 2), (16, 4), (5, 2)])  # grouped_mm, fallback
+def test_experts_compute_k_experts_per_token_not_all_of_them(d_model, k):
+    """Sparsity, counted in FLOPs: the router's T x d x E product plus k SwiGLU experts (3 matrices
+    of d x h) per token. A layer that runs all E experts on every token and zeroes the unchosen
+    ones gives the same outputs as moe_loop, and fails here (E / k times the expert FLOPs)."""
+    layer = build_layer(d_model=d_model, k=k)
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten._grouped_mm: _grouped_mm_flops}) as counter:
+        layer(random_input((24, d_model)))
+    assert counter.get_total_flops() == 2 * 24 * d_model * NUM_EXPERTS + 2 * 24 * k * 3 * d_model * D_HIDDEN
 
 
 # ---------------------------------------------------------------------------------------------
