@@ -1,0 +1,512 @@
+"""MoE at inference (chapter 09): route around missing experts, flag uncertain tokens, change
+the capacity, prune, merge and int8-quantise experts, and simulate an expert cache.
+
+    with restrict_experts(model, available):        # bool [E] per MoE layer, or one for all
+        loss = evaluate(model, corpus)
+    small = prune_experts(layer, keep=[0, 2, 5])     # a new layer with 3 experts
+    with swap_moe_layers(model, [quantize_experts(layer) for layer in moe_layers(model)]):
+        loss_int8 = evaluate(model, corpus)
+    simulate_cache(trace, cache_size=4, policy="lru").hit_rate
+
+The context managers change a model's MoE layers for the duration of a `with` block and put
+them back afterwards, even on an error; the builders return new layers and leave theirs alone.
+"""
+
+import math
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minimoe import _checks
+from minimoe.experts import Experts, feed_forward
+from minimoe.layer import MoELayer
+from minimoe.routing import ExpertChoiceRouter, NoisyTopKRouter, Router, Routing, SwitchRouter, TopKRouter
+
+# ---- changing a model's MoE layers for a while ----
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """The MoELayers of model in module order (the model itself if it is one)."""
+    if isinstance(model, MoELayer):
+        return [model]
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = [module for module in model.modules() if isinstance(module, MoELayer)]
+    if not layers:
+        raise ValueError(f"model must contain an MoELayer, got a {type(model).__name__} without one")
+    return layers
+
+
+@contextmanager
+def _override(slots: list, values: list):
+    """Set each (object, attribute) slot to its value; restore the old values on exit."""
+    old = [getattr(obj, name) for obj, name in slots]
+    try:
+        for (obj, name), value in zip(slots, values, strict=True):
+            setattr(obj, name, value)
+        yield
+    finally:
+        for (obj, name), value in zip(slots, old, strict=True):
+            setattr(obj, name, value)
+
+
+def _per_layer(name: str, value, layers: list) -> list:
+    """One value for every layer, or a list / tuple with one entry per layer."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != len(layers):
+            raise ValueError(f"{name} must have one entry per MoE layer ({len(layers)}), got {len(value)}")
+        return list(value)
+    return [value] * len(layers)
+
+
+def restrict_experts(model: nn.Module, available, renormalize: bool = True):
+    """Within the block, each MoE layer loses the experts that `available` marks False: a bool
+    [E] tensor for every layer, or a list with one per layer (None: all experts available).
+
+    renormalize=True: the layer's `available_experts`; the router picks among the others and
+    the weights renormalise over them (the router checks the mask when the layer runs).
+    renormalize=False: the router still routes to the lost experts, whose slots are emptied
+    (`LostExpertsRouter`): a token keeps its other experts at their old weights.
+    """
+    layers = moe_layers(model)
+    masks = _per_layer("available", available, layers)
+    if renormalize:
+        return _override([(layer, "available_experts") for layer in layers], masks)
+    return _override([(layer, "router") for layer in layers],
+                     [layer.router if mask is None else LostExpertsRouter(layer.router, mask)
+                      for layer, mask in zip(layers, masks, strict=True)])
+
+
+def inference_capacity(model: nn.Module, capacity_factor: float | None = None):
+    """Within the block, every MoE layer uses capacity_factor (None: dropless, nothing dropped)."""
+    if capacity_factor is not None and _checks.non_negative("capacity_factor", capacity_factor) == 0:
+        raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
+    layers = moe_layers(model)
+    if any(isinstance(layer.router, ExpertChoiceRouter) for layer in layers) and capacity_factor is not None:
+        raise ValueError("capacity_factor must be None for a model with ExpertChoiceRouter layers, which set "
+                         f"their own capacity, got {capacity_factor}")
+    return _override([(layer, "capacity_factor") for layer in layers], [capacity_factor] * len(layers))
+
+
+def swap_moe_layers(model: nn.Module, new_layers: list):
+    """Within the block, model's MoE layers (in `moe_layers` order) are replaced by new_layers."""
+    if isinstance(model, MoELayer):
+        raise TypeError("model must contain MoE layers to swap, got an MoELayer itself")
+    slots = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+             if isinstance(child, MoELayer)]
+    new_layers = _per_layer("new_layers", list(new_layers), slots)
+    for (parent, name), new in zip(slots, new_layers, strict=True):
+        old = getattr(parent, name)
+        if not isinstance(new, MoELayer) or new.d_model != old.d_model:
+            raise ValueError(f"new_layers must be MoELayers of d_model={old.d_model}, got {new!r:.60}")
+    return _override(slots, new_layers)
+
+
+@torch.no_grad()
+def record_routing(model: nn.Module, idx: torch.Tensor) -> list[tuple[torch.Tensor, Routing]]:
+    """Run model(idx) and return, per MoE layer, (its input tokens x [T, d], its Routing)."""
+    records = []
+    hooks = [layer.router.register_forward_hook(
+        lambda _m, args, routing: records.append((args[0].reshape(-1, args[0].shape[-1]), routing)))
+        for layer in moe_layers(model)]
+    try:
+        model(idx)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return records
+
+
+# ---- uncertain tokens ----
+
+
+def routing_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """probs [T, E] -> [T] entropy of each token's router distribution / log E, in [0, 1]:
+    0 = certain (one expert has all the mass), 1 = uniform. Rows are renormalised first
+    (sigmoid scores do not sum to 1); 0 * log 0 counts as 0."""
+    _checks.tensor("probs", probs, ndim=2)
+    if probs.shape[1] < 2:
+        raise ValueError(f"probs must have at least 2 experts (columns), got shape {tuple(probs.shape)}")
+    p = probs.double() / probs.double().sum(-1, keepdim=True)
+    return (-torch.xlogy(p, p).sum(-1) / math.log(probs.shape[1])).to(probs.dtype)
+
+
+class _WrappedRouter(Router):
+    """A router around another: forward routes with the inner router, then `edit`s the Routing."""
+
+    def __init__(self, router: Router):
+        if not isinstance(router, Router):
+            raise TypeError(f"router must be a minimoe.routing.Router, got {type(router).__name__}")
+        super().__init__(router.d_model, router.num_experts, learned=False)
+        self.inner = router
+        self.needs_token_ids = router.needs_token_ids
+        if hasattr(router, "k"):
+            self.k = router.k
+
+    def forward(self, *args, **kwargs) -> Routing:
+        routing = self.inner(*args, **kwargs)
+        mask = torch.ones_like(routing.expert_idx, dtype=torch.bool) if routing.mask is None else routing.mask.clone()
+        return self.edit(routing, mask)
+
+
+class LostExpertsRouter(_WrappedRouter):
+    """Routes as `router` does, then empties every slot that goes to an expert marked False in
+    available [E]: the other slots keep their weights, so the lost experts' share of each
+    token's output is missing (no renormalisation)."""
+
+    def __init__(self, router: Router, available: torch.Tensor):
+        super().__init__(router)
+        self.available = self._available(available, 1)
+
+    def edit(self, routing: Routing, mask: torch.Tensor) -> Routing:
+        mask &= self.available.to(mask.device)[routing.expert_idx]
+        return Routing(routing.logits, routing.probs, routing.expert_idx, routing.weights * mask, mask)
+
+
+FALLBACKS = ("top1", "skip")
+
+
+class FallbackRouter(_WrappedRouter):
+    """Routes as `router` does; tokens whose `routing_entropy` exceeds max_entropy (an unsure
+    router, as one hopes on out-of-distribution inputs) then get a fallback instead:
+      "top1": only their best expert, with weight 1;
+      "skip": no routed expert; the layer's shared experts (if any) and the residual carry them.
+    `flagged` [T] bool holds the last call's flagged tokens."""
+
+    def __init__(self, router: Router, max_entropy: float, fallback: str = "top1"):
+        super().__init__(router)
+        if not 0 <= _checks.non_negative("max_entropy", max_entropy) <= 1:
+            raise ValueError(f"max_entropy must be in [0, 1] (entropy / log E), got {max_entropy}")
+        self.max_entropy = float(max_entropy)
+        self.fallback = _checks.choice("fallback", fallback, FALLBACKS)
+        self.flagged: torch.Tensor | None = None
+
+    def edit(self, routing: Routing, mask: torch.Tensor) -> Routing:
+        self.flagged = flagged = routing_entropy(routing.probs.detach()) > self.max_entropy
+        weights = routing.weights
+        if self.fallback == "top1":
+            mask[flagged, 1:] = False
+            first_of_flagged = torch.zeros_like(mask)
+            first_of_flagged[flagged, 0] = True
+            weights = torch.where(first_of_flagged, torch.ones_like(weights), weights)
+        else:
+            mask[flagged] = False
+        return Routing(routing.logits, routing.probs, routing.expert_idx, weights * mask, mask)
+
+
+def fallback_routing(model: nn.Module, max_entropy, fallback: str = "top1"):
+    """Within the block, every MoE layer's router is wrapped in a FallbackRouter; max_entropy is
+    one threshold for all layers or a list with one per layer."""
+    layers = moe_layers(model)
+    thresholds = _per_layer("max_entropy", max_entropy, layers)
+    return _override([(layer, "router") for layer in layers],
+                     [FallbackRouter(layer.router, t, fallback) for layer, t in zip(layers, thresholds, strict=True)])
+
+
+# ---- smaller layers: pruning and merging ----
+
+PER_EXPERT = ("proj.weight", "noise_proj.weight", "expert_bias")  # router tensors with one row per expert
+WEIGHTS = ("w_gate", "w_up", "w_down")  # the experts' matrices
+
+
+def _resized_router(router: Router, num_experts: int) -> Router:
+    """An untrained router of router's kind and settings with num_experts outputs."""
+    d = router.d_model
+    if isinstance(router, SwitchRouter):
+        return SwitchRouter(d, num_experts, noise_std=router.noise_std)
+    if isinstance(router, TopKRouter):
+        return TopKRouter(d, num_experts, router.k, score=router.score, normalize=router.normalize,
+                          noise_std=router.noise_std, bias_update_rate=router.bias_update_rate)
+    if isinstance(router, NoisyTopKRouter):
+        return NoisyTopKRouter(d, num_experts, router.k)
+    if isinstance(router, ExpertChoiceRouter):
+        return ExpertChoiceRouter(d, num_experts, router.capacity_factor)
+    raise TypeError(f"layer.router must be a TopKRouter, SwitchRouter, NoisyTopKRouter or ExpertChoiceRouter to "
+                    f"change the experts (a HashRouter's table names them), got {type(router).__name__}")
+
+
+@torch.no_grad()
+def _map_experts(layer: MoELayer, num_experts: int, fn) -> MoELayer:
+    """A new layer of num_experts experts: each per-expert tensor t [E, ...] (expert weights,
+    router rows, biases) becomes fn(t) [num_experts, ...]; the rest is copied."""
+    if not isinstance(layer, MoELayer) or not isinstance(layer.experts, Experts):
+        raise TypeError(f"layer must be an MoELayer with float Experts, got {type(layer).__name__}")
+    router = _resized_router(layer.router, num_experts)
+    router.load_state_dict({name: fn(t) if name in PER_EXPERT else t for name, t in layer.router.state_dict().items()})
+    shared = 0 if layer.shared is None else layer.shared.d_hidden // layer.experts.d_hidden
+    new = MoELayer(layer.d_model, layer.experts.d_hidden, num_experts, layer.k, router=router,
+                   capacity_factor=layer.capacity_factor, drop_policy=layer.drop_policy, num_shared_experts=shared,
+                   activation=layer.experts.activation, backend=layer.backend)
+    new.experts.load_state_dict({name: fn(t) for name, t in layer.experts.state_dict().items()})
+    if layer.shared is not None:
+        new.shared.load_state_dict(layer.shared.state_dict())
+    return new.to(layer.experts.w_up.device).train(layer.training)
+
+
+def _check_tokens(x, d_model: int) -> torch.Tensor:
+    _checks.tensor("x", x, ndim=2)
+    if x.shape[1] != d_model:
+        raise ValueError(f"x must have d_model={d_model} columns, got shape {tuple(x.shape)}")
+    return x
+
+
+def _expert_list(name: str, value, num_experts: int) -> list[int]:
+    ids = torch.as_tensor(value)
+    if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be a 1-D sequence of expert ids, got {value!r}")
+    ids = ids.tolist()
+    if any(not 0 <= e < num_experts for e in ids) or len(set(ids)) != len(ids):
+        raise ValueError(f"{name} must hold distinct expert ids in [0, {num_experts}), got {ids}")
+    return ids
+
+
+def prune_experts(layer: MoELayer, keep) -> MoELayer:
+    """A new layer with only the experts in keep (new expert i = old expert keep[i]): their
+    weights, and the router's rows (and biases) for them, so the router has len(keep) outputs.
+    For a softmax or sigmoid top-k router it computes exactly what `layer` computes with
+    available_experts = the kept experts."""
+    keep = _expert_list("keep", keep, layer.num_experts)
+    if len(keep) < layer.k:
+        raise ValueError(f"keep must list at least k={layer.k} experts, got {len(keep)}")
+    index = torch.tensor(keep)
+    return _map_experts(layer, len(keep), lambda t: t[index.to(t.device)])
+
+
+@torch.no_grad()
+def expert_similarity(layer: MoELayer, x: torch.Tensor | None = None) -> torch.Tensor:
+    """[E, E] cosine similarity between experts: of their weights (each expert's matrices
+    flattened into one vector), or, given tokens x [T, d], of their outputs on all of x
+    (each expert's [T, d] outputs flattened)."""
+    ex = layer.experts
+    if x is None:
+        flat = torch.cat([w.flatten(1) for w in (ex.w_gate, ex.w_up, ex.w_down) if w is not None], dim=1)
+    else:
+        _check_tokens(x, layer.d_model)
+        counts = torch.full((ex.num_experts,), x.shape[0], device=x.device)
+        flat = ex(x.repeat(ex.num_experts, 1), counts).view(ex.num_experts, -1)
+    return F.cosine_similarity(flat[:, None], flat[None], dim=-1)
+
+
+def _hidden(experts: Experts, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert e's hidden activations on x [T, d] -> [T, h]."""
+    up = x @ experts.w_up[e]
+    if experts.activation == "swiglu":
+        return F.silu(x @ experts.w_gate[e]) * up
+    return F.gelu(up) if experts.activation == "gelu" else F.relu(up)
+
+
+@torch.no_grad()
+def align_hidden_units(experts: Experts, i: int, j: int, x: torch.Tensor) -> torch.Tensor:
+    """Permutation perm [h] of expert j's hidden units that pairs each unit u of expert i with
+    the unit perm[u] of j most like it (cosine similarity of their activations on x [T, d]),
+    greedily, best pair first. Permuting hidden units leaves an expert's function unchanged."""
+    i, j = _expert_list("(i, j)", [i, j], experts.num_experts)
+    _check_tokens(x, experts.d_model)
+    sim = F.cosine_similarity(_hidden(experts, i, x).T[:, None], _hidden(experts, j, x).T[None], dim=-1)
+    perm = torch.empty(sim.shape[0], dtype=torch.int64, device=sim.device)
+    for _ in range(sim.shape[0]):
+        u, v = divmod(int(sim.argmax()), sim.shape[1])
+        perm[u] = v
+        sim[u, :], sim[:, v] = -math.inf, -math.inf
+    return perm
+
+
+def merge_experts(layer: MoELayer, i: int, j: int, x: torch.Tensor | None = None) -> MoELayer:
+    """A new layer with E - 1 experts: expert i becomes the average of experts i and j (weights,
+    router rows and biases alike) and expert j is removed; the experts after j move down one.
+    Given calibration tokens x [T, d], j's hidden units are first permuted to line up with i's
+    (`align_hidden_units`, as in MC-SMoE, Li et al. 2024); without x they are averaged as stored."""
+    i, j = _expert_list("(i, j)", [i, j], layer.num_experts)
+    if layer.num_experts - 1 < layer.k:
+        raise ValueError(f"layer must keep at least k={layer.k} experts after a merge, has {layer.num_experts}")
+    if x is not None:
+        perm = align_hidden_units(layer.experts, i, j, x)
+        layer = _map_experts(layer, layer.num_experts, lambda t: t)  # a copy to permute
+        with torch.no_grad():
+            for name in WEIGHTS:
+                w = getattr(layer.experts, name)
+                if w is not None:
+                    w[j] = w[j][perm] if name == "w_down" else w[j][:, perm]
+    others = torch.tensor([e for e in range(layer.num_experts) if e != j])
+
+    def merge(t):
+        t = t.clone()
+        t[i] = (t[i] + t[j]) / 2
+        return t[others.to(t.device)]
+    return _map_experts(layer, layer.num_experts - 1, merge)
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """||approx - exact|| / ||exact|| (Frobenius norms)."""
+    _checks.tensor("approx", approx)
+    _checks.tensor("exact", exact)
+    _checks.same_shape("approx", approx, exact.shape, "exact")
+    return float((approx - exact).norm() / exact.norm())
+
+
+# ---- int8 weight-only experts ----
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: w [..., n_in, n_out] (used as x @ w) ->
+    (q [..., n_in, n_out] int8, scale [..., 1, n_out]), scale = max_i |w[i, j]| / 127
+    (1 for an all-zero column), q = round(w / scale). Each weight is off by at most scale / 2."""
+    _checks.tensor("w", w)
+    if w.dim() < 2 or not w.dtype.is_floating_point:
+        raise ValueError(f"w must be a floating tensor with at least 2 dimensions, got {w.dtype} {tuple(w.shape)}")
+    amax = w.detach().abs().amax(dim=-2, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    return torch.round(w.detach() / scale).to(torch.int8), scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q [..., n_in, n_out] int8, scale [..., 1, n_out] -> q * scale in scale's dtype."""
+    _checks.tensor("q", q)
+    _checks.tensor("scale", scale)
+    if q.dtype != torch.int8:
+        raise TypeError(f"q must be an int8 tensor, got {q.dtype}")
+    return q.to(scale.dtype) * scale
+
+
+class Int8Experts(nn.Module):
+    """Weight-only int8 experts built from float `Experts`: each weight [E, a, b] is kept as an
+    int8 buffer `<name>_q` and a float scale `<name>_scale` [E, 1, b] (`quantize_int8`). The
+    properties w_gate, w_up, w_down dequantise; forward runs the float FFN on them, so it is
+    a drop-in replacement for `layer.experts`."""
+
+    def __init__(self, experts: Experts):
+        super().__init__()
+        if not isinstance(experts, Experts):
+            raise TypeError(f"experts must be a minimoe.experts.Experts, got {type(experts).__name__}")
+        self.num_experts, self.d_model = experts.num_experts, experts.d_model
+        self.d_hidden, self.activation = experts.d_hidden, experts.activation
+        for name in WEIGHTS:
+            w = getattr(experts, name)
+            q, scale = (None, None) if w is None else quantize_int8(w)
+            self.register_buffer(f"{name}_q", q)
+            self.register_buffer(f"{name}_scale", scale)
+
+    def _weight(self, name: str) -> torch.Tensor | None:
+        q = getattr(self, f"{name}_q")
+        return None if q is None else dequantize_int8(q, getattr(self, f"{name}_scale"))
+
+    w_gate = property(lambda self: self._weight("w_gate"))
+    w_up = property(lambda self: self._weight("w_up"))
+    w_down = property(lambda self: self._weight("w_down"))
+
+    def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor,
+                row_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """x_sorted [S, d] grouped by expert, tokens_per_expert [E], row_weights [S] -> [S, d]."""
+        _checks.tensor("x_sorted", x_sorted, ndim=2)
+        _checks.tensor("tokens_per_expert", tokens_per_expert, ndim=1)
+        if x_sorted.shape[1] != self.d_model or int(tokens_per_expert.sum()) != x_sorted.shape[0]:
+            raise ValueError(f"x_sorted must be [tokens_per_expert.sum(), d_model={self.d_model}], got "
+                             f"{tuple(x_sorted.shape)} with {int(tokens_per_expert.sum())} rows counted")
+        if row_weights is not None:
+            row_weights = row_weights.to(x_sorted.dtype)
+        return feed_forward(x_sorted, self.w_up, self.w_down, self.w_gate, self.activation, tokens_per_expert,
+                            row_weights)
+
+
+def quantize_experts(layer: MoELayer) -> MoELayer:
+    """A copy of layer whose experts are `Int8Experts` (router and shared experts stay float)."""
+    new = _map_experts(layer, layer.num_experts, lambda t: t)
+    new.experts = Int8Experts(new.experts)
+    return new
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of all parameters and buffers of module."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+LIPSCHITZ = {"swiglu": 1.0999, "gelu": 1.1290, "relu": 1.0}  # max |act'(z)|: silu at z ~ 2.40, gelu at sqrt(2)
+
+
+@torch.no_grad()
+def int8_error_bound(x: torch.Tensor, experts: Experts, e: int) -> torch.Tensor:
+    """Bound [T, d] on |expert e with int8 weights (x) - expert e (x)| per entry, in exact
+    arithmetic, from |w_q - w| <= scale / 2 for every weight (`quantize_int8`).
+
+    A product x @ W is then off by at most ||x||_1 * scale_j / 2 in column j. SwiGLU:
+    |silu(g') u' - silu(g) u| <= L eps_g (|u| + eps_u) + |silu(g)| eps_u with L = max |silu'|;
+    gelu / relu: L eps_u. The down projection: eps_h @ (|W_down| + s/2) + ||h||_1 * s/2.
+    """
+    if not isinstance(experts, Experts):
+        raise TypeError(f"experts must be a minimoe.experts.Experts, got {type(experts).__name__}")
+    _check_tokens(x, experts.d_model)
+    e = _expert_list("e", [e], experts.num_experts)[0]
+    w = {name: getattr(experts, name)[e] for name in WEIGHTS if getattr(experts, name) is not None}
+    half = {name: quantize_int8(weight)[1] / 2 for name, weight in w.items()}  # [1, b] per matrix
+    x_l1 = x.abs().sum(-1, keepdim=True)
+    lipschitz = LIPSCHITZ[experts.activation]
+    up, eps_up = x @ w["w_up"], x_l1 * half["w_up"]
+    if experts.activation == "swiglu":
+        gate, eps_gate = x @ w["w_gate"], x_l1 * half["w_gate"]
+        hidden = F.silu(gate) * up
+        eps_hidden = lipschitz * eps_gate * (up.abs() + eps_up) + F.silu(gate).abs() * eps_up
+    else:
+        hidden = F.gelu(up) if experts.activation == "gelu" else F.relu(up)
+        eps_hidden = lipschitz * eps_up
+    return eps_hidden @ (w["w_down"].abs() + half["w_down"]) + hidden.abs().sum(-1, keepdim=True) * half["w_down"]
+
+
+# ---- expert cache ----
+
+POLICIES = ("lru", "belady", "static")
+
+
+@dataclass
+class CacheStats:
+    """Outcome of replaying a trace: hits + misses = number of requests."""
+
+    hits: int
+    misses: int
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / max(self.hits + self.misses, 1)
+
+
+def simulate_cache(trace, cache_size: int, policy: str = "lru") -> CacheStats:
+    """Replay trace [N, k] (the experts that step n needs, e.g. one token at one layer, in
+    execution order) against a cache of cache_size experts; requests are served one by one,
+    in row order, and a missing expert is loaded into the cache.
+
+    policy="lru": evict the least recently used expert.
+    policy="belady": evict the expert whose next request is furthest away (never requested
+        again counts as furthest): the fewest misses any cache can have (Belady, 1966), an
+        oracle that needs the future.
+    policy="static": the cache holds the cache_size most requested experts of the whole trace
+        (ties: lower id) and never changes; other experts are read for one use, not cached.
+    """
+    trace = torch.as_tensor(trace)
+    _checks.tensor("trace", trace, ndim=2)
+    if trace.dtype.is_floating_point or trace.dtype == torch.bool or (trace.numel() and trace.min() < 0):
+        raise ValueError(f"trace must hold non-negative integer expert ids, got dtype {trace.dtype}")
+    cache_size = _checks.positive_int("cache_size", cache_size)
+    _checks.choice("policy", policy, POLICIES)
+    requests = trace.reshape(-1).tolist()
+    if policy == "static":
+        counts = torch.bincount(trace.reshape(-1).long())
+        cached = set(counts.argsort(descending=True, stable=True)[:cache_size].tolist())
+        hits = sum(e in cached for e in requests)
+        return CacheStats(hits, len(requests) - hits)
+    next_use, seen = [0] * len(requests), {}
+    for n in range(len(requests) - 1, -1, -1):
+        next_use[n] = seen.get(requests[n], math.inf)
+        seen[requests[n]] = n
+    cache, hits = OrderedDict(), 0  # expert -> its next request (belady); order = recency (lru)
+    for n, e in enumerate(requests):
+        if e in cache:
+            hits += 1
+            cache.move_to_end(e)
+        elif len(cache) == cache_size:
+            victim = next(iter(cache)) if policy == "lru" else max(cache, key=cache.get)
+            del cache[victim]
+        cache[e] = next_use[n]
+    return CacheStats(hits, len(requests) - hits)
