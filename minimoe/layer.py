@@ -131,6 +131,8 @@ class MoELayer(nn.Module):
     def _stats(self, expert_idx: torch.Tensor, mask: torch.Tensor | None, num_kept: int) -> MoEStats:
         ids = expert_idx if mask is None else expert_idx[mask]
         routed = torch.bincount(ids.reshape(-1), minlength=self.num_experts)
-        total = max(int(routed.sum()), 1)
-        return MoEStats(routed, routed.double() / total, 1.0 - num_kept / total,
-                        load_entropy(routed) if routed.sum() else 1.0)
+        total = int(routed.sum())
+        if total == 0:  # no tokens: nothing dropped, and no imbalance
+            even = torch.full((self.num_experts,), 1 / self.num_experts, dtype=torch.float64)
+            return MoEStats(routed, even, 0.0, 1.0)
+        return MoEStats(routed, routed.double() / total, 1.0 - num_kept / total, load_entropy(routed))

@@ -28,6 +28,8 @@ def load_balancing_loss(probs: torch.Tensor, expert_idx: torch.Tensor,
         raise ValueError(f"expert_idx must have {probs.shape[0]} rows like probs, got {expert_idx.shape[0]}")
     in_use = torch.ones_like(expert_idx, dtype=torch.bool) if mask is None else mask
     _checks.same_shape("mask", in_use, expert_idx.shape, "expert_idx")
+    if probs.shape[0] == 0:  # no tokens (an empty batch or rank): no loss, still in the graph
+        return probs.sum() * 0.0
     counts = torch.bincount(expert_idx[in_use].reshape(-1).long(), minlength=num_experts)
     f = counts.to(probs.dtype) / counts.sum().clamp(min=1)
     P = (probs / probs.sum(-1, keepdim=True)).mean(0)
@@ -37,4 +39,6 @@ def load_balancing_loss(probs: torch.Tensor, expert_idx: torch.Tensor,
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """logits [T, E] raw router logits -> scalar mean of logsumexp(logits)^2."""
     _checks.tensor("logits", logits, ndim=2)
+    if logits.shape[0] == 0:  # no tokens: no loss, still in the graph
+        return logits.float().sum() * 0.0
     return torch.logsumexp(logits.float(), dim=-1).square().mean()

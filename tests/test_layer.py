@@ -426,3 +426,21 @@ def test_layer_forward_rejects_bad_input(x, error):
 def test_routers_reject_bad_input(make_router, error, argument):
     with pytest.raises(error, match=rf"\b{argument}\b"):
         make_router()
+
+
+def test_a_call_with_no_tokens_drops_nothing_and_adds_no_loss():
+    """An empty batch (an expert-parallel rank can see one): zeros out, zero losses, nothing dropped."""
+    layer = build_layer(capacity_factor=1.0)
+    x = torch.zeros(0, D_MODEL, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (0, D_MODEL)
+    assert layer.aux_loss.item() == 0.0 and layer.z_loss.item() == 0.0
+    assert layer.stats.dropped_fraction == 0.0 and layer.stats.tokens_per_expert.sum() == 0
+    (out.sum() + layer.aux_loss + layer.z_loss).backward()  # still differentiable
+
+
+def test_reference_loop_respects_unavailable_experts():
+    layer = build_layer()
+    layer.available_experts = torch.tensor([True, False] * (NUM_EXPERTS // 2))
+    x = random_input()
+    torch.testing.assert_close(layer(x), moe_loop(layer, x), atol=1e-6, rtol=1e-5)
