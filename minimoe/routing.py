@@ -132,7 +132,9 @@ class TopKRouter(Router):
         if available is not None:
             routed = routed.masked_fill(~available.to(routed.device), float("-inf"))
         probs = routed.softmax(-1) if self.score == "softmax" else routed.sigmoid()
-        selection = probs if self.expert_bias is None else probs + self.expert_bias
+        # softmax and sigmoid are monotonic: rank by the logits, which never tie the way probabilities
+        # rounded to 0 or 1 do; the DeepSeek-V3 bias is added to the scores
+        selection = routed if self.expert_bias is None else probs + self.expert_bias
         if available is not None:
             selection = selection.masked_fill(~available.to(routed.device), float("-inf"))
         expert_idx = selection.topk(self.k, dim=-1).indices

@@ -7,7 +7,7 @@ from collections import OrderedDict, deque
 import numpy as np
 import pytest
 import torch
-from check_contract import assert_fails, assert_passes, assert_stub_not_implemented
+from check_contract import contract_tests
 
 from minimoe.checks import CheckFailure, ch09
 
@@ -206,21 +206,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("check, task, correct", [(c[0], c[1], a) for c in CASES for a in c[2]],
-                         ids=[f"{c[1]}-correct{i}" for c in CASES for i in range(len(c[2]))])
-def test_check_passes_correct_answers(check, task, correct, capsys):
-    assert_passes(check, task, correct, capsys)
-
-
-@pytest.mark.parametrize("check, task, wrong", [(c[0], c[1], w) for c in CASES for w in c[3]],
-                         ids=[f"{c[1]}-wrong{i}" for c in CASES for i in range(len(c[3]))])
-def test_check_fails_wrong_answers_naming_the_task(check, task, wrong, capsys):
-    assert_fails(check, task, wrong, capsys)
-
-
-@pytest.mark.parametrize("check, task", [(c[0], c[1]) for c in CASES], ids=[c[1] for c in CASES])
-def test_check_reports_a_stub_as_not_implemented(check, task):
-    assert_stub_not_implemented(check, task)
+(test_check_passes_correct_answers, test_check_fails_wrong_answers_naming_the_task,
+ test_check_reports_a_stub_as_not_implemented) = contract_tests(CASES)
 
 
 def test_float_q_is_reported_as_a_dtype_problem():

@@ -444,3 +444,15 @@ def test_reference_loop_respects_unavailable_experts():
     layer.available_experts = torch.tensor([True, False] * (NUM_EXPERTS // 2))
     x = random_input()
     torch.testing.assert_close(layer(x), moe_loop(layer, x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_top_k_ranks_by_logits_even_where_probabilities_saturate(score):
+    """With logits ~100 apart, float32 softmax (or sigmoid) rounds the runner-up scores to exactly
+    0 (or 1); the choice must still follow the logits, not an arbitrary tie-break."""
+    router = TopKRouter(4, 6, k=2, score=score)
+    with torch.no_grad():
+        router.proj.weight.copy_(torch.tensor([200.0, -50, 100, -150, 0, 300])[:, None].expand(6, 4))
+    x = torch.ones(3, 4) * torch.tensor([[1.0], [-1.0], [0.5]])
+    logits = router(x).logits
+    assert torch.equal(router(x).expert_idx, logits.topk(2, dim=-1).indices)

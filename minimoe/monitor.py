@@ -1,0 +1,221 @@
+"""Watch the routers of any model built from `MoELayer`s, in training and in evaluation.
+
+    monitor = RoutingMonitor(model)      # hooks every MoELayer inside model (or model itself)
+    ... train or evaluate as usual ...
+    monitor.records                     # one dict per (forward call of model, MoE layer)
+    monitor.series("logit_max", layer=0) # (steps, values) for your own plots
+    monitor.dashboard()                 # one matplotlib Figure of every metric
+    monitor.detach()                    # or: with RoutingMonitor(model) as monitor: ...
+
+Steps are counted automatically, one per forward call of the monitored model in training mode:
+the record of the s-th training call (from 0) has step s. A call in eval mode does not advance
+the count; its records carry the number of training calls made so far, so an evaluation after
+100 training steps is recorded at step 100 (the convention of `minimoe.train.History.val_step`).
+Every record also keeps `call`, the index of the forward call among all of them, and `training`.
+Only calls made through the monitored model are recorded, and a layer call on no tokens leaves no record.
+
+A record holds, for one MoE layer and one call (E experts, T tokens):
+    step, call, layer, training   where and when (layer: index among the model's MoE layers)
+    tokens            T
+    load              [E] list of ints, assignments the router sent to each expert (before capacity)
+    load_entropy      entropy of the load / log E: 1 = even, 0 = one expert takes all
+    dead_experts      experts that received no assignment
+    max_violation     MaxVio, (max load - mean load) / mean load (Wang et al. 2024)
+    cv                coefficient of variation of the load, std / mean
+    dropped_fraction  share of the assignments dropped by the capacity limit
+    logit_max         largest router logit
+    logit_rms         root mean square of the router logits
+    z_loss            router z-loss, mean over tokens of logsumexp(logits)^2 (Zoph et al. 2022)
+"""
+
+import numpy as np
+import seaborn as sns
+from matplotlib.figure import Figure
+from torch import nn
+
+from minimoe import _checks, metrics
+from minimoe.layer import MoELayer
+from minimoe.losses import router_z_loss
+from minimoe.routing import Routing
+
+FIELDS = ("step", "call", "layer", "training", "tokens", "load", "load_entropy", "dead_experts",
+          "max_violation", "cv", "dropped_fraction", "logit_max", "logit_rms", "z_loss")
+METRICS = FIELDS[6:]  # the numbers a dashboard plots over steps
+
+# diagnose(): thresholds, checked in this order
+LOGIT_BLOW_UP = 10.0     # "logit blow-up"  when logit_max > 10
+COLLAPSED_ENTROPY = 0.5  # "collapsed"      when load_entropy < 0.5
+#                          "dead experts"   when dead_experts > 0; else "healthy"
+
+_PANELS = {  # metric: (title, y label)
+    "load_entropy": ("normalised load entropy", "entropy / log E (1 = even)"),
+    "dead_experts": ("dead experts", "experts with no assignment (count)"),
+    "max_violation": ("MaxVio", "(max - mean) / mean load (ratio)"),
+    "cv": ("coefficient of variation", "std / mean load (ratio)"),
+    "dropped_fraction": ("dropped by capacity", "dropped assignments (%)"),
+    "logit_max": ("largest router logit", "logit (unitless)"),
+    "logit_rms": ("router logit RMS", "logit (unitless)"),
+    "z_loss": ("router z-loss", "mean logsumexp² (unitless)"),
+}
+
+
+def routing_record(routing: Routing, num_experts: int) -> dict:
+    """The load and logit metrics of one router call (T >= 1 tokens) -> dict with the record
+    fields tokens, load, load_entropy, dead_experts, max_violation, cv, logit_max, logit_rms, z_loss."""
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a minimoe.routing.Routing, got {type(routing).__name__}")
+    logits = routing.logits.detach()
+    if logits.shape[0] == 0:
+        raise ValueError("routing must hold at least one token, got logits of shape (0, E)")
+    load = metrics.expert_load(routing.expert_idx, num_experts, routing.mask)
+    return dict(tokens=logits.shape[0], load=load.tolist(), load_entropy=metrics.load_entropy(load),
+                dead_experts=len(metrics.dead_experts(load)), max_violation=metrics.max_violation(load),
+                cv=metrics.coefficient_of_variation(load), logit_max=float(logits.max()),
+                logit_rms=float(logits.double().square().mean().sqrt()), z_loss=float(router_z_loss(logits)))
+
+
+def diagnose(record: dict) -> str:
+    """One word on a record's health, by the thresholds above, checked in order:
+    "logit blow-up", "collapsed", "dead experts", else "healthy"."""
+    if not isinstance(record, dict):
+        raise TypeError(f"record must be a dict (a RoutingMonitor record), got {type(record).__name__}")
+    missing = {"logit_max", "load_entropy", "dead_experts"} - set(record)
+    if missing:
+        raise ValueError(f"record must have the keys logit_max, load_entropy and dead_experts, "
+                         f"missing {sorted(missing)}")
+    if record["logit_max"] > LOGIT_BLOW_UP:
+        return "logit blow-up"
+    if record["load_entropy"] < COLLAPSED_ENTROPY:
+        return "collapsed"
+    if record["dead_experts"] > 0:
+        return "dead experts"
+    return "healthy"
+
+
+class RoutingMonitor:
+    """Forward hooks on every MoELayer of `model` (found by isinstance; `model` may be an
+    MoELayer itself) and on its router; one record per layer per forward call of `model`.
+    See the module docstring for the step convention and the record fields."""
+
+    def __init__(self, model: nn.Module):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+        if not self.layers:
+            raise ValueError(f"model must contain at least one minimoe.layer.MoELayer, got a "
+                             f"{type(model).__name__} with none")
+        self.model = model
+        self.records: list[dict] = []
+        self.steps = 0  # forward calls of model in training mode so far
+        self.calls = 0  # all forward calls of model so far
+        self._call: dict | None = None  # step, call, training of the call in progress
+        self._routing: dict[int, Routing] = {}
+        self._handles = [model.register_forward_pre_hook(self._begin)]
+        for i, layer in enumerate(self.layers):
+            self._handles.append(layer.router.register_forward_hook(self._keep_routing(i)))
+            self._handles.append(layer.register_forward_hook(self._record(i)))
+        self._handles.append(model.register_forward_hook(self._end))  # after the layers' hooks
+
+    # ---- hooks ----
+    def _begin(self, model, args):
+        self._call = dict(step=self.steps, call=self.calls, training=model.training)
+
+    def _keep_routing(self, i: int):
+        def hook(router, args, routing):
+            self._routing[i] = routing
+        return hook
+
+    def _record(self, i: int):
+        def hook(layer, args, output):
+            routing = self._routing.pop(i, None)
+            if self._call is None or routing is None or routing.logits.shape[0] == 0:
+                return  # a call not made through the monitored model, or no tokens
+            values = dict(self._call, layer=i, dropped_fraction=layer.stats.dropped_fraction,
+                          **routing_record(routing, layer.num_experts))
+            self.records.append({name: values[name] for name in FIELDS})
+        return hook
+
+    def _end(self, model, args, output):
+        self.steps += self._call["training"]
+        self.calls += 1
+        self._call = None
+
+    # ---- lifetime ----
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def detach(self) -> None:
+        """Remove every hook (records are kept). Safe to call twice."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._call = None
+
+    def __enter__(self) -> "RoutingMonitor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    # ---- reading the records ----
+    def to_dataframe(self):
+        """The records as a pandas DataFrame (one row per record, columns FIELDS) when pandas is
+        installed, else as a plain dict {field: list of values} (pandas is not a dependency)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            return {name: [record[name] for record in self.records] for name in FIELDS}
+        return pd.DataFrame(self.records, columns=list(FIELDS))
+
+    def series(self, name: str, layer: int = 0, training: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(steps [n], values [n]) of one metric for one layer, over the training-mode records
+        (training=False: the eval-mode ones), averaged over the calls that share a step."""
+        _checks.choice("name", name, METRICS)
+        rows = self._rows(layer, training)
+        steps = np.array([r["step"] for r in rows])
+        values = np.array([r[name] for r in rows], dtype=float)
+        unique, which = np.unique(steps, return_inverse=True)
+        return unique, np.bincount(which, weights=values) / np.bincount(which)
+
+    def _rows(self, layer: int, training: bool) -> list[dict]:
+        _checks.positive_int("layer", layer, minimum=0)
+        if layer >= len(self.layers):
+            raise ValueError(f"layer must be < {len(self.layers)} (the model's MoE layers), got {layer}")
+        rows = [r for r in self.records if r["layer"] == layer and r["training"] == bool(training)]
+        if not rows:
+            mode = "training" if training else "eval"
+            raise ValueError(f"no {mode}-mode records for layer {layer} yet: run the model in {mode} mode "
+                             f"while the monitor is attached ({len(self.records)} records in all)")
+        return rows
+
+    def dashboard(self, training: bool = True, load_layer: int = 0,
+                  title: str = "Routing dashboard") -> Figure:
+        """One figure: each metric over steps (one line per MoE layer), and the share of the
+        assignments each expert received at each step in layer `load_layer` (heatmap)."""
+        self._rows(load_layer, training)
+        fig = Figure(figsize=(14, 10), layout="constrained")
+        axes = fig.subplots(3, 3).flat
+        colors = sns.color_palette("colorblind", len(self.layers))
+        scale = {"dropped_fraction": 100.0}
+        for ax, (name, (panel_title, ylabel)) in zip(axes, _PANELS.items(), strict=False):
+            for i, color in enumerate(colors):
+                if any(r["layer"] == i and r["training"] == bool(training) for r in self.records):
+                    steps, values = self.series(name, i, training)
+                    ax.plot(steps, scale.get(name, 1.0) * values, color=color, label=f"MoE layer {i}")
+            ax.set(title=panel_title, xlabel="training step", ylabel=ylabel)
+        axes[0].set_ylim(-0.03, 1.03)
+        axes[0].legend(fontsize="small")
+        rows = self._rows(load_layer, training)
+        steps = np.unique([r["step"] for r in rows])
+        loads = np.zeros((len(steps), len(rows[0]["load"])))
+        for r in rows:
+            loads[np.searchsorted(steps, r["step"])] += r["load"]
+        share = 100 * loads / loads.sum(1, keepdims=True)
+        ax = axes[8]
+        mesh = ax.pcolormesh(steps, np.arange(share.shape[1]), share.T, cmap="mako", vmin=0, shading="nearest")
+        fig.colorbar(mesh, ax=ax, label="share of assignments (%)")
+        ax.set(title=f"load per expert, MoE layer {load_layer}", xlabel="training step", ylabel="expert")
+        mode = "training" if training else "eval"
+        fig.suptitle(f"{title} ({mode}-mode calls, mean per step)")
+        return fig
