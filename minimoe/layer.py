@@ -25,6 +25,23 @@ def _dispatch_functions(backend: str):
     return permute, unpermute
 
 
+def route_and_plan(layer, x: torch.Tensor, token_ids: torch.Tensor | None = None):
+    """The first half of an MoE forward, shared by MoELayer and the expert-parallel layer:
+    x [..., d] -> (tokens [T, d], Routing, DispatchPlan) with the layer's router,
+    available_experts, capacity_factor and drop_policy."""
+    _checks.tensor("x", x)
+    if x.dim() == 0 or x.shape[-1] != layer.d_model:
+        raise ValueError(f"x must have last dimension d_model={layer.d_model}, got shape {tuple(x.shape)}")
+    tokens = x.reshape(-1, layer.d_model)
+    routing = layer.router.route(x, token_ids, layer.available_experts)
+    capacity = None
+    if layer.capacity_factor is not None:
+        capacity = expert_capacity(tokens.shape[0], layer.num_experts, layer.k, layer.capacity_factor)
+    plan = make_plan(routing.expert_idx, layer.num_experts, capacity, layer.drop_policy,
+                     routing.weights, routing.mask)
+    return tokens, routing, plan
+
+
 @dataclass
 class MoEStats:
     """Detached routing statistics of one forward call.
@@ -105,16 +122,7 @@ class MoELayer(nn.Module):
                              f"its own capacity (router.capacity_factor), got {self.capacity_factor}")
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        _checks.tensor("x", x)
-        if x.dim() == 0 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
-        tokens = x.reshape(-1, self.d_model)
-        routing = self.router.route(x, token_ids, self.available_experts)
-        capacity = None
-        if self.capacity_factor is not None:
-            capacity = expert_capacity(tokens.shape[0], self.num_experts, self.k, self.capacity_factor)
-        plan = make_plan(routing.expert_idx, self.num_experts, capacity, self.drop_policy,
-                         routing.weights, routing.mask)
+        tokens, routing, plan = route_and_plan(self, x, token_ids)
         # the combine weights scale rows inside the experts, where it is cheapest
         permute_fn, unpermute_fn = _dispatch_functions(self.backend)
         expert_out = self.experts(permute_fn(tokens, plan), plan.tokens_per_expert,

@@ -3,7 +3,7 @@ message naming the task, and says "not implemented" for the exercise's stub."""
 
 import numpy as np
 import pytest
-from check_contract import assert_fails, assert_passes, assert_stub_not_implemented
+from check_contract import contract_tests
 
 from minimoe.architectures import moe_ffn_counts
 from minimoe.checks import CheckFailure, ch02
@@ -84,20 +84,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("check, task, reference, wrong", CASES, ids=[c[1] for c in CASES])
-def test_check_passes_the_reference(check, task, reference, wrong, capsys):
-    assert_passes(check, task, reference, capsys)
-
-
-@pytest.mark.parametrize("check, task, wrong", [(c[0], c[1], w) for c in CASES for w in c[3]],
-                         ids=[f"{c[1]}-wrong{i}" for c in CASES for i in range(len(c[3]))])
-def test_check_fails_wrong_answers_naming_the_task(check, task, wrong, capsys):
-    assert_fails(check, task, wrong, capsys)
-
-
-@pytest.mark.parametrize("check, task", [(c[0], c[1]) for c in CASES], ids=[c[1] for c in CASES])
-def test_check_reports_a_stub_as_not_implemented(check, task):
-    assert_stub_not_implemented(check, task)
+(test_check_passes_correct_answers, test_check_fails_wrong_answers_naming_the_task,
+ test_check_reports_a_stub_as_not_implemented) = contract_tests([(c[0], c[1], [c[2]], c[3]) for c in CASES])
 
 
 def test_hard_coded_answers_fail():

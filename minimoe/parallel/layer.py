@@ -27,9 +27,9 @@ import torch.distributed as dist
 from torch import nn
 
 from minimoe import _checks
-from minimoe.dispatch import expert_capacity, make_plan, permute, unpermute
+from minimoe.dispatch import permute, unpermute
 from minimoe.experts import Experts
-from minimoe.layer import MoELayer, MoEStats
+from minimoe.layer import MoELayer, MoEStats, route_and_plan
 from minimoe.losses import load_balancing_loss, router_z_loss
 from minimoe.metrics import load_entropy
 from minimoe.parallel.comm import all_to_all, check_same_on_all_ranks, exchange, rank_and_world, run_collective
@@ -159,22 +159,13 @@ class ExpertParallelMoE(nn.Module):
                 f"router={type(router).__name__}{router_args} world_size={self.world_size}")
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        _checks.tensor("x", x)
-        if x.dim() == 0 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
+        tokens, routing, plan = route_and_plan(self, x, token_ids)
         if not self._checked:
             replicated = [*self.router.parameters(), *self.router.buffers()]
             replicated += [] if self.shared is None else list(self.shared.parameters())
             check_same_on_all_ranks(f"{self._config()} dtype={x.dtype}", replicated, x.device, self.group)
             self._checked = True
         W, R, group = self.world_size, self.num_local_experts, self.group
-        tokens = x.reshape(-1, self.d_model)
-        routing = self.router.route(x, token_ids, self.available_experts)
-        capacity = None
-        if self.capacity_factor is not None:
-            capacity = expert_capacity(tokens.shape[0], self.num_experts, self.k, self.capacity_factor)
-        plan = make_plan(routing.expert_idx, self.num_experts, capacity, self.drop_policy,
-                         routing.weights, routing.mask)
 
         # counts [W, R]: recv_counts[s, j] = rows rank s sends me for my expert j
         recv_counts = exchange(plan.tokens_per_expert, [R] * W, [R] * W, group, "dispatch: token counts").view(W, R)
