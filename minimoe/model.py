@@ -8,18 +8,25 @@ Pre-norm blocks (x + attn(ln(x)), x + ffn(ln(x))), causal self-attention through
 `F.scaled_dot_product_attention`, learned positions, and an output head tied to the token
 embedding. With num_experts == 1 every FFN is dense: the baseline with the same active FLOPs
 as an MoE config is `config.dense_equivalent()`.
+
+Expert parallelism (chapter 12): `model.to_expert_parallel()` under torch.distributed shards
+every MoE block's experts over the ranks (ExpertParallelMoE); everything else stays replicated.
+`full_state_dict()` gathers the shards back into the single-process model's state dict.
 """
 
 import math
 from dataclasses import dataclass, replace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from minimoe import _checks
 from minimoe.experts import ACTIVATIONS, FeedForward
 from minimoe.layer import MoELayer, MoEStats
+from minimoe.parallel.comm import run_collective
+from minimoe.parallel.layer import ExpertParallelMoE
 from minimoe.routing import NoisyTopKRouter, Router, SwitchRouter, TopKRouter
 
 ROUTERS = ("topk", "noisy_topk", "sigmoid_bias")
@@ -167,8 +174,49 @@ class MoETransformer(nn.Module):
         self.last_losses: dict | None = None
 
     @property
-    def moe_layers(self) -> list[MoELayer]:
-        return [block.ffn for block in self.blocks if isinstance(block.ffn, MoELayer)]
+    def moe_layers(self) -> list[MoELayer | ExpertParallelMoE]:
+        """The MoE FFNs, first block first (ExpertParallelMoE after `to_expert_parallel`)."""
+        return [block.ffn for block in self.blocks if isinstance(block.ffn, (MoELayer, ExpertParallelMoE))]
+
+    @property
+    def expert_parallel(self) -> bool:
+        return any(isinstance(layer, ExpertParallelMoE) for layer in self.moe_layers)
+
+    def to_expert_parallel(self, group=None) -> "MoETransformer":
+        """Shard every MoE block's experts over `group` (None: the default process group), in
+        place; returns self. Every rank must call it on a model with the same weights (the same
+        seed). Embeddings, attention, norms, routers and dense FFNs stay replicated."""
+        if self.expert_parallel:
+            raise ValueError("the model is already expert-parallel")
+        if not self.moe_layers:
+            raise ValueError("a dense model (num_experts=1) has no experts to shard")
+        for block in self.blocks:
+            if isinstance(block.ffn, MoELayer):
+                block.ffn = ExpertParallelMoE.from_layer(block.ffn, group)
+        return self
+
+    def sharded_parameters(self) -> dict[str, ExpertParallelMoE]:
+        """name -> layer of every parameter this rank holds only a shard of: the experts of the
+        ExpertParallelMoE blocks ([E / W, ...] here, [E, ...] in the single-process model)."""
+        return {f"blocks.{i}.{name}": block.ffn for i, block in enumerate(self.blocks)
+                if isinstance(block.ffn, ExpertParallelMoE)
+                for name, _ in block.ffn.experts.named_parameters(prefix="ffn.experts")}
+
+    @staticmethod
+    def gather_shards(shard: torch.Tensor, layer: ExpertParallelMoE) -> torch.Tensor:
+        """[E / W, ...] on every rank of layer's group -> [E, ...] (rank order). Collective."""
+        parts = [torch.empty_like(shard) for _ in range(layer.world_size)]
+        run_collective("gather expert shards", layer.group, dist.all_gather, parts, shard.contiguous())
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict:
+        """The state dict of the equivalent single-process model, on the CPU: expert shards are
+        gathered from every rank (collective when expert-parallel: call it on every rank)."""
+        state = self.state_dict()
+        for name, layer in self.sharded_parameters().items():
+            state[name] = self.gather_shards(state[name], layer)
+        return {name: tensor.cpu() for name, tensor in state.items()}
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         self._check_ids("idx", idx)
@@ -203,12 +251,24 @@ class MoETransformer(nn.Module):
         return [layer.stats for layer in self.moe_layers]
 
     @torch.no_grad()
-    def update_router_biases(self) -> None:
+    def update_router_biases(self, tokens_per_expert: list[torch.Tensor] | None = None) -> None:
         """One aux-loss-free bias step in every MoE block whose router keeps a bias (router
-        "sigmoid_bias"), from the loads of the last forward call. Call once per training step."""
-        for layer in self.moe_layers:
-            if getattr(layer.router, "expert_bias", None) is not None:
-                layer.router.update_bias(layer.stats.tokens_per_expert)
+        "sigmoid_bias"). tokens_per_expert: [E] per MoE block, default the last forward call's.
+        Expert-parallel blocks first sum the loads over the ranks (collective), so the
+        replicated biases stay identical. Call once per training step."""
+        layers = self.moe_layers
+        loads = [layer.stats.tokens_per_expert for layer in layers] if tokens_per_expert is None \
+            else list(tokens_per_expert)
+        if len(loads) != len(layers):
+            raise ValueError(f"tokens_per_expert must hold one [E] tensor per MoE block ({len(layers)}), "
+                             f"got {len(loads)}")
+        for layer, load in zip(layers, loads, strict=True):
+            if getattr(layer.router, "expert_bias", None) is None:
+                continue
+            if isinstance(layer, ExpertParallelMoE):
+                load = load.clone()
+                run_collective("router bias loads", layer.group, dist.all_reduce, load)
+            layer.router.update_bias(load)
 
     @torch.no_grad()
     def expert_choices(self, idx: torch.Tensor) -> list[torch.Tensor]:
@@ -225,13 +285,17 @@ class MoETransformer(nn.Module):
 
     def num_params(self, active: bool = False) -> int:
         """All parameters (the tied head counted once); active=True counts only the k routed
-        experts a token uses in each MoE block, not all E."""
-        total = sum(p.numel() for p in self.parameters())
+        experts a token uses in each MoE block, not all E. An expert-parallel model counts the
+        whole model, all E experts of every block, on every rank (not this rank's shard)."""
+        def per_expert(layer) -> int:
+            return layer.experts.w_up[0].numel() * (3 if layer.experts.w_gate is not None else 2)
+
+        held = sum(p.numel() for p in self.parameters())
+        total = held + sum((layer.num_experts - layer.experts.num_experts) * per_expert(layer)
+                           for layer in self.moe_layers)  # the shards other ranks hold (0 on one process)
         if not active:
             return total
-        idle = sum((layer.num_experts - layer.k) * layer.experts.w_up[0].numel()
-                   * (3 if layer.experts.w_gate is not None else 2) for layer in self.moe_layers)
-        return total - idle
+        return total - sum((layer.num_experts - layer.k) * per_expert(layer) for layer in self.moe_layers)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

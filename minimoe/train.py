@@ -5,6 +5,15 @@ resume bit-exactly.
     trainer = Trainer(model, load_corpus(), TrainConfig(steps=300))
     history = trainer.run()
     trainer.save("run.pt"); trainer = Trainer.load("run.pt", corpus)
+
+Data + expert parallelism (chapter 12; `python -m minimoe.train_cli` under torchrun): give the
+Trainer a model after `model.to_expert_parallel()`. Each global batch is cut into
+`micro_batches` shards, rows s::M; rank r of W runs the shards s with s % W == r, one after
+another, and the loss of the step is the mean of the shard losses. The same config on one
+process runs all M shards itself (gradient accumulation), so a W-rank run and a one-process run
+with the same micro_batches take the same steps, up to float rounding. Per shard, not per
+batch, because the Switch aux loss of a shard is not additive: f and P are statistics of the
+tokens it routes (cross-entropy and z-loss, being means over tokens, would not care).
 """
 
 import math
@@ -18,13 +27,17 @@ from tqdm import tqdm  # the text bar: tqdm.auto needs ipywidgets in notebooks
 from minimoe import _checks
 from minimoe.data import Corpus
 from minimoe.model import MoETransformer, MoETransformerConfig
+from minimoe.parallel.comm import rank_and_world, run_collective
+from minimoe.parallel.layer import average_gradients
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """steps: the schedule's length (the cosine reaches min_lr at the last step).
     max_seconds: stop `run` early once this much training time has passed (equal-time
-    comparisons); None trains all steps. Batches depend only on (seed, step)."""
+    comparisons); None trains all steps. Batches depend only on (seed, step).
+    micro_batches: shards per batch (rows s::M), each a forward/backward of its own; the loss is
+    their mean. An expert-parallel run needs M divisible by its W ranks (each runs M / W)."""
 
     steps: int = 300
     batch_size: int = 32
@@ -37,10 +50,13 @@ class TrainConfig:
     eval_batches: int = 8
     seed: int = 0
     max_seconds: float | None = None
+    micro_batches: int = 1
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "eval_every", "eval_batches"):
+        for name in ("steps", "batch_size", "eval_every", "eval_batches", "micro_batches"):
             _checks.positive_int(name, getattr(self, name))
+        if self.batch_size % self.micro_batches:
+            raise ValueError(f"micro_batches must divide batch_size={self.batch_size}, got {self.micro_batches}")
         _checks.positive_int("warmup_steps", self.warmup_steps, minimum=0)
         _checks.positive_int("seed", self.seed, minimum=0)
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
@@ -66,6 +82,8 @@ class History:
 
     load[i]              [n_moe_blocks][E] share of assignments per expert at step i
     dropped_fraction[i]  [n_moe_blocks] share of assignments dropped by capacity
+    shard_load[i]        [micro_batches][n_moe_blocks][E] load of each shard (on W ranks, shard s
+                         ran on rank s % W: the per-rank routing)
     val_step, val_loss   the validation cross-entropy (nats per character) when it was measured
     """
 
@@ -76,6 +94,7 @@ class History:
     z_loss: list = field(default_factory=list)
     load: list = field(default_factory=list)
     dropped_fraction: list = field(default_factory=list)
+    shard_load: list = field(default_factory=list)
     tokens_per_s: list = field(default_factory=list)
     val_step: list = field(default_factory=list)
     val_loss: list = field(default_factory=list)
@@ -90,16 +109,51 @@ class History:
 @torch.no_grad()
 def evaluate(model: MoETransformer, corpus: Corpus, num_batches: int = 8, batch_size: int = 32,
              seed: int = 0, split: str = "val") -> float:
-    """Mean cross-entropy (nats per character) of `model` on num_batches fixed windows of split."""
+    """Mean cross-entropy (nats per character) of `model` on num_batches fixed windows of split.
+    An expert-parallel model (collective: every rank calls it) runs rows r::W on rank r."""
+    rank, world = _rank_and_world(model)
+    if batch_size % world:
+        raise ValueError(f"batch_size must be divisible by the {world} ranks, got {batch_size}")
     was_training = model.training
     model.eval()
+    device = model.token_embedding.weight.device
     losses = []
     for i in range(_checks.positive_int("num_batches", num_batches)):
         x, y, _ = corpus.batch(split, batch_size, model.config.seq_len, seed=seed, step=i)
-        model(x, y)
-        losses.append(float(model.last_losses["task"]))
+        model(x[rank::world].to(device), y[rank::world].to(device))
+        losses.append(float(_sum_over_ranks(model, model.last_losses["task"].double().reshape(1))) / world)
     model.train(was_training)
     return float(np.mean(losses))
+
+
+def _rank_and_world(model: MoETransformer) -> tuple[int, int]:
+    """(rank, ranks) of an expert-parallel model's group; (0, 1) on one process."""
+    return rank_and_world(model.moe_layers[0].group) if model.expert_parallel else (0, 1)
+
+
+def _sum_over_ranks(model: MoETransformer, x: torch.Tensor) -> torch.Tensor:
+    if model.expert_parallel:
+        x = x.clone()
+        run_collective("sum over ranks", model.moe_layers[0].group, torch.distributed.all_reduce, x)
+    return x
+
+
+def clip_gradients(model: MoETransformer, max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_ over the whole model; on an expert-parallel model the
+    squared norms of the expert shards are summed over the ranks first (collective). -> the norm."""
+    if not model.expert_parallel:
+        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    sharded = {id(p) for name, p in model.named_parameters() if name in model.sharded_parameters()}
+    squares = torch.zeros(2, dtype=torch.float64, device=model.token_embedding.weight.device)
+    for p in model.parameters():
+        if p.grad is not None:
+            squares[int(id(p) in sharded)] += p.grad.detach().double().square().sum()
+    norm = float((squares[0] + _sum_over_ranks(model, squares[1:])[0]).sqrt())
+    coef = min(max_norm / (norm + 1e-6), 1.0)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(coef)
+    return norm
 
 
 class Trainer:
@@ -111,9 +165,13 @@ class Trainer:
         if corpus.vocab_size != model.config.vocab_size:
             raise ValueError(f"model.config.vocab_size must equal the corpus's {corpus.vocab_size}, "
                              f"got {model.config.vocab_size}")
+        self.rank, self.world = _rank_and_world(model)
+        if config.micro_batches % self.world:
+            raise ValueError(f"micro_batches must be divisible by the {self.world} ranks (each runs micro_batches / "
+                             f"ranks shards), got {config.micro_batches}")
         self.model, self.corpus, self.config = model, corpus, config
-        decay = [p for p in model.parameters() if p.dim() >= 2]  # weights and embeddings, not norms
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        params = dict(model.named_parameters())
+        decay, no_decay = ([params[name] for name in names] for names in _parameter_groups(model))  # norms: no decay
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
         self.step = 0
@@ -127,25 +185,57 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x, y, _ = self.corpus.batch("train", config.batch_size, model.config.seq_len, config.seed, self.step)
+        device = model.token_embedding.weight.device
+        M, W = config.micro_batches, self.world
         model.train()
-        _, loss = model(x, y)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        losses, loads, dropped = [], [], []  # per shard this rank runs
+        for shard in range(self.rank, M, W):
+            _, loss = model(x[shard::M].to(device), y[shard::M].to(device))
+            (loss / (M // W)).backward()
+            stats = model.routing_stats()
+            losses.append(torch.stack([model.last_losses[name].double() for name in ("task", "aux", "z")]))
+            loads.append(torch.stack([s.tokens_per_expert for s in stats]).to(device, torch.float64) if stats
+                         else torch.zeros(0, 1, dtype=torch.float64, device=device))
+            dropped.append(torch.tensor([s.dropped_fraction * float(s.tokens_per_expert.sum()) for s in stats],
+                                        dtype=torch.float64, device=device))
+        if W > 1:
+            average_gradients(model, model.moe_layers[0].group)
         if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            clip_gradients(model, config.grad_clip)
         self.optimizer.step()
-        model.update_router_biases()
-        stats = model.routing_stats()
+        # every shard's numbers on every rank: [W ranks, M / W shards, ...], shard s = rank s % W, slot s // W
+        mine = torch.cat([torch.stack(part).reshape(len(part), -1) for part in (losses, loads, dropped)], 1)
+        rows = self._all_gather(mine)
+        shard_rows = rows.transpose(0, 1).reshape(M, -1)  # shard order
+        n_blocks, E = loads[0].shape
+        shard_losses = shard_rows[:, :3].mean(0)
+        shard_tokens = shard_rows[:, 3:3 + n_blocks * E].reshape(M, n_blocks, E)
+        tokens = shard_tokens.sum(0)  # [n_blocks, E]
+        if n_blocks:
+            model.update_router_biases(list(sum(loads).to(torch.int64)))  # this rank's; summed over ranks inside
         h = self.history
         h.step.append(self.step)
         h.lr.append(lr)
-        h.loss.append(float(model.last_losses["task"]))
-        h.aux_loss.append(float(model.last_losses["aux"]))
-        h.z_loss.append(float(model.last_losses["z"]))
-        h.load.append([s.load.tolist() for s in stats])
-        h.dropped_fraction.append([s.dropped_fraction for s in stats])
+        h.loss.append(float(shard_losses[0]))
+        h.aux_loss.append(float(shard_losses[1]))
+        h.z_loss.append(float(shard_losses[2]))
+        h.load.append((tokens / tokens.sum(-1, keepdim=True).clamp(min=1)).tolist() if n_blocks else [])
+        h.dropped_fraction.append((shard_rows[:, 3 + n_blocks * E:].sum(0)
+                                   / tokens.sum(-1).clamp(min=1)).tolist() if n_blocks else [])
+        h.shard_load.append((shard_tokens / shard_tokens.sum(-1, keepdim=True).clamp(min=1)).tolist()
+                            if n_blocks else [[]] * M)
         h.tokens_per_s.append(x.numel() / (time.perf_counter() - started))
         self.step += 1
+
+    def _all_gather(self, mine: torch.Tensor) -> torch.Tensor:
+        """[...] on every rank -> [W, ...] in rank order (collective); [1, ...] on one process."""
+        if self.world == 1:
+            return mine[None]
+        rows = [torch.empty_like(mine) for _ in range(self.world)]
+        run_collective("gather step statistics", self.model.moe_layers[0].group, torch.distributed.all_gather,
+                       rows, mine.contiguous())
+        return torch.stack(rows)
 
     def run(self, steps: int | None = None, progress: bool = True) -> History:
         """Train `steps` more steps (default: up to config.steps), validating every eval_every
@@ -153,7 +243,7 @@ class Trainer:
         config = self.config
         end = config.steps if steps is None else self.step + _checks.positive_int("steps", steps, minimum=0)
         started = time.perf_counter()
-        bar = tqdm(total=end - self.step, disable=not progress, desc="training", unit="step")
+        bar = tqdm(total=end - self.step, disable=not progress or self.rank != 0, desc="training", unit="step")
         while self.step < end:
             self.train_step()
             bar.update()
@@ -169,22 +259,61 @@ class Trainer:
         return self.history
 
     def save(self, path) -> None:
-        """Everything `load` needs to continue exactly where this run stands."""
-        torch.save({"model_config": asdict(self.model.config), "train_config": asdict(self.config),
-                    "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "step": self.step, "history": asdict(self.history), "rng": torch.get_rng_state()}, path)
+        """Everything `load` needs to continue exactly where this run stands. An expert-parallel
+        run (collective: every rank calls it) gathers the expert shards, weights and AdamW
+        moments, into the single-process checkpoint, which rank 0 writes."""
+        model_state, optimizer_state = self.model.full_state_dict(), self._resharded_optimizer_state(gather=True)
+        if self.rank == 0:
+            torch.save({"model_config": asdict(self.model.config), "train_config": asdict(self.config),
+                        "model": model_state, "optimizer": optimizer_state, "step": self.step,
+                        "history": asdict(self.history), "rng": torch.get_rng_state()}, path)
+
+    def _resharded_optimizer_state(self, state: dict | None = None, gather: bool = False) -> dict:
+        """gather=True: this optimizer's state -> the single-process model's (expert moments
+        gathered, collective). gather=False: a single-process `state` -> this rank's."""
+        state = self.optimizer.state_dict() if gather else state
+        model = self.model
+        if not model.expert_parallel:
+            return state
+        with torch.device("meta"):
+            single = sum(_parameter_groups(MoETransformer(model.config)), [])
+        here = sum(_parameter_groups(model), [])
+        source, target = (here, single) if gather else (single, here)
+        index = {name: i for i, name in enumerate(target)}
+        sharded = model.sharded_parameters()
+        moved = {}
+        for i, moments in state["state"].items():
+            name = source[i]
+            if name in sharded:
+                layer = sharded[name]
+                first = layer.rank * layer.num_local_experts
+                moments = {key: (MoETransformer.gather_shards(value, layer) if gather
+                                 else value[first:first + layer.num_local_experts]) if value.dim() else value
+                           for key, value in moments.items()}
+            moved[index[name]] = moments
+        return {"state": moved, "param_groups": state["param_groups"]}
 
     @classmethod
-    def load(cls, path, corpus: Corpus) -> "Trainer":
-        checkpoint = torch.load(path, weights_only=True)
+    def load(cls, path, corpus: Corpus, expert_parallel: bool = False, group=None, device=None) -> "Trainer":
+        """The Trainer `save` wrote, on one process; expert_parallel=True shards it over `group`
+        (collective: every rank loads the same file). device: where the model goes (default CPU)."""
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
         model = MoETransformer(MoETransformerConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])
-        trainer = cls(model, corpus, TrainConfig(**checkpoint["train_config"]))
-        trainer.optimizer.load_state_dict(checkpoint["optimizer"])
+        if expert_parallel:
+            model.to_expert_parallel(group)
+        trainer = cls(model.to(device), corpus, TrainConfig(**checkpoint["train_config"]))
+        trainer.optimizer.load_state_dict(trainer._resharded_optimizer_state(checkpoint["optimizer"]))
         trainer.step = checkpoint["step"]
         trainer.history = History(**checkpoint["history"])
         torch.set_rng_state(checkpoint["rng"])
         return trainer
+
+
+def _parameter_groups(model: MoETransformer) -> tuple[list[str], list[str]]:
+    """Parameter names in the optimizer's order: weights and embeddings (decayed), then norms."""
+    named = list(model.named_parameters())
+    return [n for n, p in named if p.dim() >= 2], [n for n, p in named if p.dim() < 2]
 
 
 def steps_for_budget(model: MoETransformer, corpus: Corpus, config: TrainConfig, seconds: float,
@@ -206,3 +335,9 @@ def steps_for_budget(model: MoETransformer, corpus: Corpus, config: TrainConfig,
         trial.train_step()
         durations.append(time.perf_counter() - started)
     return max(1, int(seconds / float(np.median(durations))))
+
+
+if __name__ == "__main__":  # python -m minimoe.train: the command line of minimoe.train_cli
+    from minimoe.train_cli import main
+
+    main()

@@ -20,10 +20,18 @@ from minimoe.parallel.layer import (
     expert_major_order,
     split_by_rank,
 )
-from minimoe.parallel.viz import all_to_all_diagram
 
 __all__ = [
     "AllToAllCost", "ExchangeStats", "ExpertParallelError", "ExpertParallelMoE", "all_to_all_cost",
     "all_to_all_diagram", "average_gradients", "expected_nodes_per_token", "expert_major_order", "split_by_rank",
     "traffic_bytes",
 ]
+
+
+def __getattr__(name: str):
+    """all_to_all_diagram on first use: its plotting imports cost a second that training
+    processes (which import this package through minimoe.model) should not pay."""
+    if name == "all_to_all_diagram":
+        from minimoe.parallel.viz import all_to_all_diagram
+        return all_to_all_diagram
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,55 @@
+"""What each rank runs in tests/test_ep_training.py (spawned processes import this module, not
+the test module): a tiny MoETransformer made expert-parallel, trained by Trainer on a gloo
+group, checkpointed halfway; results written as JSON, one file per rank."""
+
+import json
+import traceback
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from minimoe.data import load_corpus
+from minimoe.model import MoETransformer, MoETransformerConfig
+from minimoe.parallel import ExpertParallelMoE
+from minimoe.train import TrainConfig, Trainer
+
+TINY = dict(seq_len=32, d_model=32, n_layers=2, n_heads=4, d_hidden=32, num_experts=4, k=2)
+# grad_clip 0.05 clips every step, so the clipping norm over the sharded experts is exercised
+TRAIN = TrainConfig(steps=6, batch_size=8, micro_batches=2, warmup_steps=2, eval_every=3, eval_batches=2,
+                    grad_clip=0.05)
+HALF = 3  # the checkpoint is taken after this many steps
+RUNS = {"topk": dict(TINY), "sigmoid_bias": dict(TINY, router="sigmoid_bias", bias_update_rate=0.01)}
+
+
+def train(name: str, out_dir: str) -> dict:
+    torch.manual_seed(0)
+    model = MoETransformer(MoETransformerConfig(**RUNS[name])).to_expert_parallel()
+    trainer = Trainer(model, load_corpus(), TRAIN)
+    trainer.run(steps=HALF, progress=False)
+    trainer.save(Path(out_dir, f"{name}.pt"))
+    trainer.run(progress=False)
+    return dict(history=asdict(trainer.history), params=model.num_params(),
+                active_params=model.num_params(active=True), held_params=sum(p.numel() for p in model.parameters()),
+                layer_types=[type(layer).__name__ for layer in model.moe_layers],
+                all_expert_parallel=all(isinstance(layer, ExpertParallelMoE) for layer in model.moe_layers),
+                biases=[layer.router.expert_bias.tolist() for layer in model.moe_layers
+                        if getattr(layer.router, "expert_bias", None) is not None],
+                stats_tokens=[int(s.tokens_per_expert.sum()) for s in model.routing_stats()])
+
+
+def run(rank: int, world: int, store: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=30))
+    results = {}
+    for name in RUNS:
+        try:
+            results[name] = train(name, out_dir)
+        except Exception:  # reported by the test
+            results[name] = {"exception": traceback.format_exc()}
+            break  # the other rank may be stuck in a collective of this run: do not start another
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
