@@ -2,14 +2,12 @@
 the test module): a tiny MoETransformer made expert-parallel, trained by Trainer on a gloo
 group, checkpointed halfway; results written as JSON, one file per rank."""
 
-import json
-import traceback
+import functools
 from dataclasses import asdict
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+from gloo_ranks import run_jobs
 
 from minimoe.data import load_corpus
 from minimoe.model import MoETransformer, MoETransformerConfig
@@ -41,15 +39,5 @@ def train(name: str, out_dir: str) -> dict:
 
 
 def run(rank: int, world: int, store: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=30))
-    results = {}
-    for name in RUNS:
-        try:
-            results[name] = train(name, out_dir)
-        except Exception:  # reported by the test
-            results[name] = {"exception": traceback.format_exc()}
-            break  # the other rank may be stuck in a collective of this run: do not start another
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
+    run_jobs(rank, world, store, out_dir, {name: functools.partial(train, name, out_dir) for name in RUNS},
+             stop_on_error=True)

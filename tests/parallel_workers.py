@@ -9,13 +9,11 @@ the gradients of this rank's experts against the sum over all ranks s of MoELaye
 """
 
 import functools
-import json
-import traceback
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from gloo_ranks import run_jobs
 
 from minimoe.layer import MoELayer
 from minimoe.parallel import ExpertParallelError, ExpertParallelMoE, average_gradients
@@ -178,14 +176,5 @@ SCENARIOS = {**{name: functools.partial(equality, name=name) for name in EQUALIT
 
 
 def run(rank: int, world: int, store: str, scenarios: list[str], out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=30))
-    results = {}
-    for name in scenarios:
-        try:
-            results[name] = SCENARIOS[name](rank, world)
-        except Exception:  # reported by the test; the next scenarios may still run
-            results[name] = {"exception": traceback.format_exc()}
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
+    """The named scenarios, one after the other; a failed one does not stop the next."""
+    run_jobs(rank, world, store, out_dir, {name: functools.partial(SCENARIOS[name], rank, world) for name in scenarios})

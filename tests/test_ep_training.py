@@ -8,14 +8,12 @@ ranks, rank r runs shard r. Per shard because the Switch aux loss is not additiv
 one process on the whole batch, and equals one process on the same two shards.
 """
 
-import json
-import time
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from ep_training_workers import HALF, RUNS, TINY, TRAIN
+from gloo_ranks import spawn
 
 from minimoe.data import load_corpus
 from minimoe.model import MoETransformer, MoETransformerConfig
@@ -38,15 +36,7 @@ def ranks(tmp_path_factory):
     import ep_training_workers
 
     tmp = tmp_path_factory.mktemp("ep_training")
-    context = mp.start_processes(ep_training_workers.run, args=(WORLD, str(tmp / "store"), str(tmp)),
-                                 nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{WORLD} training ranks did not finish within {SPAWN_TIMEOUT_S} s")
-    return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)], tmp
+    return spawn(ep_training_workers.run, WORLD, tmp, timeout_s=SPAWN_TIMEOUT_S), tmp
 
 
 def _results(ranks, name: str) -> list[dict]:

@@ -2,13 +2,11 @@
 gloo ranks spawned here (one spawn per world size, every scenario inside it), its errors, and
 the cost model against hand-computed cases."""
 
-import json
 import math
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from gloo_ranks import spawn
 from matplotlib.figure import Figure
 from parallel_workers import EQUALITY, SCENARIOS
 
@@ -30,26 +28,14 @@ FOUR_RANK_SCENARIOS = ["k1", "k2_capacity", "k2_shared", "skewed_k2", "empty_ran
                        "mismatch"]
 
 
-def _spawn(world: int, scenarios: list[str], tmp_path) -> list[dict]:
-    import parallel_workers
-
-    context = mp.start_processes(parallel_workers.run, args=(world, str(tmp_path / "store"), scenarios,
-                                                             str(tmp_path)), nprocs=world, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{world} ranks did not finish {scenarios} within {SPAWN_TIMEOUT_S} s")
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """world size -> per-rank results of every scenario, spawned once per world size."""
-    return {2: _spawn(2, list(SCENARIOS), tmp_path_factory.mktemp("two_ranks")),
-            4: _spawn(4, FOUR_RANK_SCENARIOS, tmp_path_factory.mktemp("four_ranks"))}
+    import parallel_workers
+
+    return {world: spawn(parallel_workers.run, world, tmp_path_factory.mktemp(f"{world}_ranks"), scenarios,
+                         timeout_s=SPAWN_TIMEOUT_S)
+            for world, scenarios in ((2, list(SCENARIOS)), (4, FOUR_RANK_SCENARIOS))}
 
 
 def _results(ranks, world: int, scenario: str) -> list[dict]:
