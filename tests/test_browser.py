@@ -126,9 +126,8 @@ def test_chapter_01_runs_all_cells_in_jupyterlab_without_errors_and_draws_figure
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "chapter01_after_run_all.png"))
     assert state["errors"] == []
-    figures = page.locator(f"{VISIBLE_NOTEBOOK} .jp-RenderedImage img")
-    figures.first.scroll_into_view_if_needed()
-    assert figures.count() >= 1 and figures.first.evaluate("img => img.naturalWidth") > 100
+    figure = page.wait_for_selector(f"{VISIBLE_NOTEBOOK} .jp-RenderedImage img", state="attached", timeout=60_000)
+    page.wait_for_function("img => img.complete && img.naturalWidth > 100", arg=figure, timeout=60_000)
     page.close()
 
 
