@@ -2,6 +2,8 @@
 
   minimoe doctor                 the environment the course will run in
   minimoe grade STUDENT.ipynb    grade exercise notebooks against solutions/ (see minimoe.grade)
+  minimoe train [OPTIONS]        train the chapter-07 model; `minimoe train --help` lists the
+                                 options (the same as `python -m minimoe.train`, torchrun-able)
 """
 
 import argparse
@@ -63,11 +65,18 @@ def doctor() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # every option after it is train_cli's
+        from minimoe import train_cli  # imports torch.distributed: only when asked
+
+        train_cli.main(argv[1:])
+        return 0
     parser = argparse.ArgumentParser(prog="minimoe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("doctor", help="versions, accelerators and what the course will skip")
     grade.add_arguments(commands.add_parser("grade", help="grade exercise notebooks", description=grade.__doc__))
+    commands.add_parser("train", help="train the chapter-07 model (`minimoe train --help` for its options)")
     args = parser.parse_args(argv)
     return doctor() if args.command == "doctor" else grade.run(args)
 

@@ -53,7 +53,9 @@ def jupyter(tmp_path_factory):
                            ("apputils-extension/notification", {"fetchNews": "false"})):
         (settings / plugin).parent.mkdir(parents=True, exist_ok=True)
         (settings / f"{plugin}.jupyterlab-settings").write_text(json.dumps(values))
-    env = dict(os.environ, JUPYTERLAB_SETTINGS_DIR=str(settings.parent))
+    # the kernels inherit this environment: without MPLBACKEND (Agg draws nothing in a notebook), as a learner has it
+    env = {name: value for name, value in os.environ.items() if name != "MPLBACKEND"}
+    env["JUPYTERLAB_SETTINGS_DIR"] = str(settings.parent)
     port, token = free_port(), secrets.token_hex(16)
     log = open(root / "jupyter.log", "w")  # noqa: SIM115 (closed below, after the server)
     server = subprocess.Popen(
