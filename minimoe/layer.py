@@ -11,7 +11,7 @@ from minimoe.dispatch import POLICIES, expert_capacity, make_plan, permute, sort
 from minimoe.experts import Experts, FeedForward
 from minimoe.losses import load_balancing_loss, router_z_loss
 from minimoe.metrics import load_entropy
-from minimoe.routing import ExpertChoiceRouter, Router, TopKRouter
+from minimoe.routing import ExpertChoiceRouter, Router, SwitchRouter, TopKRouter
 
 BACKENDS = ("torch", "triton")
 
@@ -61,9 +61,10 @@ class MoEStats:
 class MoELayer(nn.Module):
     """A sparse FFN. forward(x [..., d_model], token_ids=None) -> same shape as x.
 
-    router: any `minimoe.routing.Router`; default TopKRouter(d_model, num_experts, k). A router
-        that routes on token ids (HashRouter) needs token_ids [...] (x's leading shape); the
-        others must get None.
+    router: any `minimoe.routing.Router`; default TopKRouter(d_model, num_experts, k), and for
+        k=1 SwitchRouter (the raw probability as weight: renormalising one weight makes it 1 and
+        leaves the router no gradient from the output). A router that routes on token ids
+        (HashRouter) needs token_ids [...] (x's leading shape); the others must get None.
     capacity_factor: None is dropless; otherwise each expert takes at most
         ceil(k * T * capacity_factor / E) assignments, chosen by drop_policy ("position" or
         "score"); a dropped assignment adds nothing (the residual stream carries the token).
@@ -98,7 +99,9 @@ class MoELayer(nn.Module):
         self.backend = _checks.choice("backend", backend, BACKENDS)
         _checks.positive_int("num_shared_experts", num_shared_experts, minimum=0)
 
-        self.router = TopKRouter(d_model, num_experts, k) if router is None else router
+        if router is None:
+            router = SwitchRouter(d_model, num_experts) if k == 1 else TopKRouter(d_model, num_experts, k)
+        self.router = router
         self._check_router()
         self.experts = Experts(num_experts, d_model, d_hidden, activation)
         self.shared = (FeedForward(d_model, num_shared_experts * d_hidden, activation)

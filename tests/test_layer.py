@@ -362,6 +362,21 @@ def test_switch_router_weight_is_the_chosen_softmax_probability():
     assert (routing.weights < 1).all()  # not renormalised to 1
 
 
+def test_default_top_1_layer_trains_its_router_through_the_output():
+    """k=1 defaults to Switch routing: with the renormalised TopKRouter the weight is 1 and the
+    router would get no gradient from the output (chapter 01)."""
+    torch.manual_seed(0)
+    x = random_input((32, D_MODEL))
+    layer = MoELayer(D_MODEL, D_HIDDEN, NUM_EXPERTS, k=1)
+    assert isinstance(layer.router, SwitchRouter)
+    layer(x).square().sum().backward()  # no aux or z loss: the output alone
+    renormalised = MoELayer(D_MODEL, D_HIDDEN, NUM_EXPERTS, k=1, router=TopKRouter(D_MODEL, NUM_EXPERTS, 1))
+    renormalised(x).square().sum().backward()
+    switch_grad = layer.router.proj.weight.grad.abs().max()
+    assert switch_grad > 1e-3
+    assert renormalised.router.proj.weight.grad.abs().max() < 1e-5 * switch_grad  # p / p: rounding only
+
+
 def test_noisy_top_k_router_eval_weights_are_softmax_over_the_top_k_logits():
     torch.manual_seed(0)
     router = NoisyTopKRouter(D_MODEL, NUM_EXPERTS, 2).eval()
