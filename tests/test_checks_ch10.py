@@ -6,6 +6,7 @@ import torch
 from check_contract import contract_tests
 
 from minimoe.checks import ch10
+from minimoe.checks._inputs import random_expert_idx
 
 # ---- correct answers, written as a learner would ----
 
@@ -171,6 +172,6 @@ def test_inputs_include_a_rank_that_receives_nothing():
         num_experts = world * local
         k = int(rng.integers(1, min(3, num_experts - local) + 1))
         idle = local if rng.random() < 0.5 else 0
-        expert_idx = ch10._expert_idx(rng, int(rng.integers(10, 61)), num_experts, k, idle)
+        expert_idx = random_expert_idx(rng, int(rng.integers(10, 61)), num_experts, k, idle=idle)
         last_empty.append(int(send_splits(expert_idx, num_experts, world)[-1]) == 0)
     assert any(last_empty) and not all(last_empty)

@@ -13,25 +13,22 @@ Inputs are seeded random tensors of varying T, d, h, E and k, with uneven expert
 in some cases, experts that receive no token at all.
 """
 
+from functools import partial
+
 import numpy as np
 import torch
 
 from minimoe.checks import run_check
+from minimoe.checks._inputs import random_expert_idx
 from minimoe.dispatch import DispatchPlan, make_plan, permute, unpermute
 from minimoe.layer import MoELayer
+from minimoe.routing import TopKRouter
 
 __all__ = ["check_moe_forward", "check_permute", "check_sort_by_expert", "check_unpermute"]
 
 
-def _expert_idx(rng: np.random.Generator, num_tokens: int, num_experts: int, k: int) -> torch.Tensor:
-    """[T, k] int64, k distinct experts per token as a top-k router gives them. Loads are uneven
-    (Dirichlet popularity), and in about half the cases the last expert gets no token at all."""
-    popularity = rng.dirichlet(np.full(num_experts, 0.7))
-    if rng.random() < 0.5 and k < num_experts:
-        popularity[-1] = 0.0
-    popularity /= popularity.sum()
-    rows = [rng.choice(num_experts, size=k, replace=False, p=popularity) for _ in range(num_tokens)]
-    return torch.from_numpy(np.array(rows, dtype=np.int64).reshape(num_tokens, k))
+# uneven loads; in about half the cases the last expert gets no token
+_expert_idx = partial(random_expert_idx, idle=1, idle_probability=0.5)
 
 
 def _sizes(rng: np.random.Generator, min_k: int = 1) -> tuple[int, int, int]:
@@ -95,7 +92,7 @@ def check_unpermute(learner_unpermute):
 
 def _layer_with(router_weight, w_gate, w_up, w_down, k) -> MoELayer:
     num_experts, d_model, d_hidden = w_up.shape
-    layer = MoELayer(d_model, d_hidden, num_experts, k)
+    layer = MoELayer(d_model, d_hidden, num_experts, k, router=TopKRouter(d_model, num_experts, k))
     with torch.no_grad():
         layer.router.proj.weight.copy_(router_weight)
         layer.experts.w_gate.copy_(w_gate)
@@ -106,7 +103,8 @@ def _layer_with(router_weight, w_gate, w_up, w_down, k) -> MoELayer:
 
 def check_moe_forward(learner_moe_forward):
     """Task 3.4: moe_forward(x [T, d], router_weight [E, d], w_gate [E, d, h], w_up [E, d, h],
-    w_down [E, h, d], k) -> [T, d], equal to minimoe.MoELayer with these weights."""
+    w_down [E, h, d], k) -> [T, d], equal to minimoe.MoELayer with these weights and a
+    renormalised TopKRouter (also for k=1, where MoELayer's default is SwitchRouter)."""
     def make_inputs(rng):
         num_tokens, num_experts = int(rng.integers(8, 41)), int(rng.integers(3, 9))
         k = int(rng.integers(1, min(3, num_experts - 1) + 1))

@@ -26,11 +26,13 @@ arithmetic, in any of the usual orders of operations, lands just above it.
 import math
 import numbers
 from fractions import Fraction
+from functools import partial
 
 import numpy as np
 import torch
 
 from minimoe.checks import CheckFailure, run_check
+from minimoe.checks._inputs import random_expert_idx
 from minimoe.dispatch import expert_capacity, make_plan
 from minimoe.metrics import expert_load
 
@@ -47,6 +49,9 @@ _FLOAT_FORMULAS = (
     lambda T, E, k, cf: k * (T * cf) / E,
     lambda T, E, k, cf: cf * (k * T / E),
 )
+
+# uneven loads; in about half the cases the last expert gets no token
+_expert_idx = partial(random_expert_idx, concentration=1.5, idle=1, idle_probability=0.5)
 
 
 def _capacity_row(rng: np.random.Generator) -> tuple[int, int, int, float]:
@@ -99,16 +104,6 @@ def check_expert_capacity(learner_expert_capacity):
     run_check("6.1", _row_by_row("6.1", learner_expert_capacity), _row_by_row("6.1", expert_capacity),
               capacity_inputs, atol=0, rtol=0)
 
-
-def _expert_idx(rng: np.random.Generator, num_tokens: int, num_experts: int, k: int) -> torch.Tensor:
-    """[T, k] int64, k distinct experts per token, best first. Loads are uneven (Dirichlet
-    popularity), and in about half the cases the last expert gets no token at all."""
-    popularity = rng.dirichlet(np.full(num_experts, 1.5))
-    if rng.random() < 0.5 and k < num_experts:
-        popularity[-1] = 0.0
-    popularity /= popularity.sum()
-    rows = [rng.choice(num_experts, size=k, replace=False, p=popularity) for _ in range(num_tokens)]
-    return torch.from_numpy(np.array(rows, dtype=np.int64).reshape(num_tokens, k))
 
 
 def _routing_inputs(rng: np.random.Generator) -> tuple[torch.Tensor, int, int]:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from minimoe.checks import run_check
+from minimoe.checks._inputs import random_expert_idx
 from minimoe.dispatch import make_plan
 from minimoe.parallel import all_to_all_cost, expert_major_order, split_by_rank, traffic_bytes
 
@@ -28,15 +29,6 @@ __all__ = ["check_bytes_moved", "check_dispatch_seconds", "check_group_by_expert
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
 
-
-def _expert_idx(rng: np.random.Generator, num_tokens: int, num_experts: int, k: int, idle: int) -> torch.Tensor:
-    """[T, k] int64, k distinct experts per token, uneven popularity; the last `idle` experts
-    get no token (so the last rank may receive nothing)."""
-    popularity = rng.dirichlet(np.full(num_experts, 0.7))
-    popularity[num_experts - idle:] = 0.0
-    popularity /= popularity.sum()
-    rows = [rng.choice(num_experts, size=k, replace=False, p=popularity) for _ in range(num_tokens)]
-    return torch.from_numpy(np.array(rows, dtype=np.int64).reshape(num_tokens, k))
 
 
 def check_send_splits(learner_send_splits):
@@ -47,7 +39,7 @@ def check_send_splits(learner_send_splits):
         num_experts = world * local
         k = int(rng.integers(1, min(3, num_experts - local) + 1))
         idle = local if rng.random() < 0.5 else 0  # the last rank gets nothing
-        return _expert_idx(rng, int(rng.integers(10, 61)), num_experts, k, idle), num_experts, world
+        return random_expert_idx(rng, int(rng.integers(10, 61)), num_experts, k, idle=idle), num_experts, world
 
     def reference(expert_idx, num_experts, world_size):
         return split_by_rank(make_plan(expert_idx, num_experts).tokens_per_expert, world_size)
