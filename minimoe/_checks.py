@@ -29,6 +29,19 @@ def non_negative(name: str, value) -> float:
     return float(value)
 
 
+def positive(name: str, value, *, none_means: str | None = None) -> float | None:
+    """Return `value` as a float if it is a real number > 0; None passes too when none_means says
+    what None stands for (it goes into the message)."""
+    if value is None and none_means is not None:
+        return None
+    expected = "> 0" if none_means is None else f"> 0 or None ({none_means})"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number {expected}, got {value!r}")
+    if not value > 0:  # also rejects NaN
+        raise ValueError(f"{name} must be {expected}, got {value}")
+    return float(value)
+
+
 def tensor(name: str, value, *, ndim: int | None = None) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")

@@ -23,8 +23,7 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
     num_tokens = _checks.positive_int("num_tokens", num_tokens, minimum=0)
     num_experts = _checks.positive_int("num_experts", num_experts)
     k = _checks.positive_int("k", k)
-    if _checks.non_negative("capacity_factor", capacity_factor) == 0:
-        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+    _checks.positive("capacity_factor", capacity_factor)
     # exact arithmetic on the factor as written: in floats 1.1 * 100 = 110.00000000000001 -> 111
     return math.ceil(k * num_tokens * Fraction(repr(float(capacity_factor))) / num_experts)
 

@@ -36,6 +36,13 @@ def _matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor | None) -> to
     return torch.cat([rows @ w_e for rows, w_e in zip(x.split(counts.tolist()), w.unbind(0), strict=True)])
 
 
+def activate(up: torch.Tensor, gate: torch.Tensor | None, activation: str) -> torch.Tensor:
+    """The hidden layer from up = x W_up and, for swiglu, gate = x W_gate (None otherwise)."""
+    if activation == "swiglu":
+        return F.silu(gate) * up
+    return F.gelu(up) if activation == "gelu" else F.relu(up)
+
+
 def feed_forward(x, w_up, w_down, w_gate=None, activation="swiglu", counts=None, row_weights=None):
     """The FFN of one expert ([a, b] weights) or of E experts on sorted rows ([E, a, b] weights,
     counts [E] rows per expert). row_weights [S] scales each row's output; being linear in
@@ -44,13 +51,8 @@ def feed_forward(x, w_up, w_down, w_gate=None, activation="swiglu", counts=None,
     swiglu: (silu(x W_gate) * x W_up) W_down    (Shazeer 2020, used by Mixtral and DeepSeek)
     gelu / relu: act(x W_up) W_down
     """
-    up = _matmul(x, w_up, counts)
-    if activation == "swiglu":
-        hidden = F.silu(_matmul(x, w_gate, counts)) * up
-    elif activation == "gelu":
-        hidden = F.gelu(up)
-    else:
-        hidden = F.relu(up)
+    gate = _matmul(x, w_gate, counts) if activation == "swiglu" else None
+    hidden = activate(_matmul(x, w_up, counts), gate, activation)
     if row_weights is not None and hidden.shape[1] <= x.shape[1]:
         hidden, row_weights = hidden * row_weights[:, None], None
     out = _matmul(hidden, w_down, counts)

@@ -22,23 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimoe import _checks
-from minimoe.experts import Experts, feed_forward
-from minimoe.layer import MoELayer
+from minimoe.experts import Experts, activate
+from minimoe.layer import MoELayer, moe_layers
 from minimoe.routing import ExpertChoiceRouter, NoisyTopKRouter, Router, Routing, SwitchRouter, TopKRouter
 
 # ---- changing a model's MoE layers for a while ----
-
-
-def moe_layers(model: nn.Module) -> list[MoELayer]:
-    """The MoELayers of model in module order (the model itself if it is one)."""
-    if isinstance(model, MoELayer):
-        return [model]
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    layers = [module for module in model.modules() if isinstance(module, MoELayer)]
-    if not layers:
-        raise ValueError(f"model must contain an MoELayer, got a {type(model).__name__} without one")
-    return layers
 
 
 @contextmanager
@@ -83,8 +71,7 @@ def restrict_experts(model: nn.Module, available, renormalize: bool = True):
 
 def inference_capacity(model: nn.Module, capacity_factor: float | None = None):
     """Within the block, every MoE layer uses capacity_factor (None: dropless, nothing dropped)."""
-    if capacity_factor is not None and _checks.non_negative("capacity_factor", capacity_factor) == 0:
-        raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
+    _checks.positive("capacity_factor", capacity_factor, none_means="dropless")
     layers = moe_layers(model)
     if any(isinstance(layer.router, ExpertChoiceRouter) for layer in layers) and capacity_factor is not None:
         raise ValueError("capacity_factor must be None for a model with ExpertChoiceRouter layers, which set "
@@ -96,8 +83,8 @@ def swap_moe_layers(model: nn.Module, new_layers: list):
     """Within the block, model's MoE layers (in `moe_layers` order) are replaced by new_layers."""
     if isinstance(model, MoELayer):
         raise TypeError("model must contain MoE layers to swap, got an MoELayer itself")
-    slots = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-             if isinstance(child, MoELayer)]
+    where = {id(child): (parent, name) for parent in model.modules() for name, child in parent.named_children()}
+    slots = [where[id(layer)] for layer in moe_layers(model)]
     new_layers = _per_layer("new_layers", list(new_layers), slots)
     for (parent, name), new in zip(slots, new_layers, strict=True):
         old = getattr(parent, name)
@@ -244,7 +231,7 @@ def _map_experts(layer: MoELayer, num_experts: int, fn) -> MoELayer:
     new.experts.load_state_dict({name: fn(t) for name, t in layer.experts.state_dict().items()})
     if layer.shared is not None:
         new.shared.load_state_dict(layer.shared.state_dict())
-    return new.to(layer.experts.w_up.device).train(layer.training)
+    return new.to(layer.experts.w_up).train(layer.training)  # its device and dtype
 
 
 def _check_tokens(x, d_model: int) -> torch.Tensor:
@@ -267,8 +254,9 @@ def _expert_list(name: str, value, num_experts: int) -> list[int]:
 def prune_experts(layer: MoELayer, keep) -> MoELayer:
     """A new layer with only the experts in keep (new expert i = old expert keep[i]): their
     weights, and the router's rows (and biases) for them, so the router has len(keep) outputs.
-    For a softmax or sigmoid top-k router it computes exactly what `layer` computes with
-    available_experts = the kept experts."""
+    For a softmax or sigmoid top-k router and a dropless layer it computes exactly what `layer`
+    computes with available_experts = the kept experts (with a capacity factor it differs: the
+    capacity ceil(k T cf / E) depends on E)."""
     keep = _expert_list("keep", keep, layer.num_experts)
     if len(keep) < layer.k:
         raise ValueError(f"keep must list at least k={layer.k} experts, got {len(keep)}")
@@ -293,10 +281,8 @@ def expert_similarity(layer: MoELayer, x: torch.Tensor | None = None) -> torch.T
 
 def _hidden(experts: Experts, e: int, x: torch.Tensor) -> torch.Tensor:
     """Expert e's hidden activations on x [T, d] -> [T, h]."""
-    up = x @ experts.w_up[e]
-    if experts.activation == "swiglu":
-        return F.silu(x @ experts.w_gate[e]) * up
-    return F.gelu(up) if experts.activation == "gelu" else F.relu(up)
+    gate = None if experts.w_gate is None else x @ experts.w_gate[e]
+    return activate(x @ experts.w_up[e], gate, experts.activation)
 
 
 @torch.no_grad()
@@ -398,18 +384,7 @@ class Int8Experts(nn.Module):
     w_up = property(lambda self: self._weight("w_up"))
     w_down = property(lambda self: self._weight("w_down"))
 
-    def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor,
-                row_weights: torch.Tensor | None = None) -> torch.Tensor:
-        """x_sorted [S, d] grouped by expert, tokens_per_expert [E], row_weights [S] -> [S, d]."""
-        _checks.tensor("x_sorted", x_sorted, ndim=2)
-        _checks.tensor("tokens_per_expert", tokens_per_expert, ndim=1)
-        if x_sorted.shape[1] != self.d_model or int(tokens_per_expert.sum()) != x_sorted.shape[0]:
-            raise ValueError(f"x_sorted must be [tokens_per_expert.sum(), d_model={self.d_model}], got "
-                             f"{tuple(x_sorted.shape)} with {int(tokens_per_expert.sum())} rows counted")
-        if row_weights is not None:
-            row_weights = row_weights.to(x_sorted.dtype)
-        return feed_forward(x_sorted, self.w_up, self.w_down, self.w_gate, self.activation, tokens_per_expert,
-                            row_weights)
+    forward = Experts.forward  # the same checks and computation, on the dequantised weights
 
 
 def quantize_experts(layer: MoELayer) -> MoELayer:
@@ -445,13 +420,12 @@ def int8_error_bound(x: torch.Tensor, experts: Experts, e: int) -> torch.Tensor:
     x_l1 = x.abs().sum(-1, keepdim=True)
     lipschitz = LIPSCHITZ[experts.activation]
     up, eps_up = x @ w["w_up"], x_l1 * half["w_up"]
-    if experts.activation == "swiglu":
-        gate, eps_gate = x @ w["w_gate"], x_l1 * half["w_gate"]
-        hidden = F.silu(gate) * up
-        eps_hidden = lipschitz * eps_gate * (up.abs() + eps_up) + F.silu(gate).abs() * eps_up
-    else:
-        hidden = F.gelu(up) if experts.activation == "gelu" else F.relu(up)
+    gate = x @ w["w_gate"] if "w_gate" in w else None
+    hidden = activate(up, gate, experts.activation)
+    if gate is None:
         eps_hidden = lipschitz * eps_up
+    else:
+        eps_hidden = lipschitz * x_l1 * half["w_gate"] * (up.abs() + eps_up) + F.silu(gate).abs() * eps_up
     return eps_hidden @ (w["w_down"].abs() + half["w_down"]) + hidden.abs().sum(-1, keepdim=True) * half["w_down"]
 
 

@@ -92,8 +92,7 @@ class MoELayer(nn.Module):
         self.k = _checks.positive_int("k", k)
         if k > num_experts:
             raise ValueError(f"k must be <= num_experts={num_experts}, got k={k}")
-        if capacity_factor is not None and _checks.non_negative("capacity_factor", capacity_factor) == 0:
-            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
+        _checks.positive("capacity_factor", capacity_factor, none_means="dropless")
         self.capacity_factor = capacity_factor
         self.drop_policy = _checks.choice("drop_policy", drop_policy, POLICIES)
         self.backend = _checks.choice("backend", backend, BACKENDS)
@@ -147,3 +146,15 @@ class MoELayer(nn.Module):
             even = torch.full((self.num_experts,), 1 / self.num_experts, dtype=torch.float64)
             return MoEStats(routed, even, 0.0, 1.0)
         return MoEStats(routed, routed.double() / total, 1.0 - num_kept / total, load_entropy(routed))
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """The MoELayers of model in module order (the model itself if it is one)."""
+    if isinstance(model, MoELayer):
+        return [model]
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = [module for module in model.modules() if isinstance(module, MoELayer)]
+    if not layers:
+        raise ValueError(f"model must contain an MoELayer, got a {type(model).__name__} without one")
+    return layers

@@ -78,8 +78,7 @@ class MoETransformerConfig:
         if self.num_experts == 1 and self.num_shared_experts:
             raise ValueError("num_shared_experts must be 0 in a dense model (num_experts=1), "
                              f"got {self.num_shared_experts}")
-        if self.capacity_factor is not None and _checks.non_negative("capacity_factor", self.capacity_factor) == 0:
-            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}")
+        _checks.positive("capacity_factor", self.capacity_factor, none_means="dropless")
         _checks.choice("router", self.router, ROUTERS)
         _checks.choice("activation", self.activation, ACTIVATIONS)
         for name in ("bias_update_rate", "aux_loss_coef", "z_loss_coef"):
@@ -303,8 +302,7 @@ class MoETransformer(nn.Module):
         """Sample max_new_tokens after idx [B, L0]; -> [B, L0 + max_new_tokens]. The same seed
         gives the same text. The context is cropped to the last seq_len tokens."""
         _checks.positive_int("max_new_tokens", max_new_tokens, minimum=0)
-        if _checks.non_negative("temperature", temperature) == 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        _checks.positive("temperature", temperature)
         if top_k is not None:
             top_k = min(_checks.positive_int("top_k", top_k), self.config.vocab_size)
         generator = torch.Generator(device=idx.device).manual_seed(seed)

@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from minimoe import _checks, metrics
-from minimoe.layer import MoELayer
+from minimoe.layer import moe_layers
 from minimoe.losses import router_z_loss
 from minimoe.routing import Routing
 
@@ -98,12 +98,7 @@ class RoutingMonitor:
     See the module docstring for the step convention and the record fields."""
 
     def __init__(self, model: nn.Module):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-        if not self.layers:
-            raise ValueError(f"model must contain at least one minimoe.layer.MoELayer, got a "
-                             f"{type(model).__name__} with none")
+        self.layers = moe_layers(model)
         self.model = model
         self.records: list[dict] = []
         self.steps = 0  # forward calls of model in training mode so far
@@ -193,7 +188,7 @@ class RoutingMonitor:
                   title: str = "Routing dashboard") -> Figure:
         """One figure: each metric over steps (one line per MoE layer), and the share of the
         assignments each expert received at each step in layer `load_layer` (heatmap)."""
-        self._rows(load_layer, training)
+        rows = self._rows(load_layer, training)  # checks the arguments before drawing
         fig = Figure(figsize=(14, 10), layout="constrained")
         axes = fig.subplots(3, 3).flat
         colors = sns.color_palette("colorblind", len(self.layers))
@@ -206,7 +201,6 @@ class RoutingMonitor:
             ax.set(title=panel_title, xlabel="training step", ylabel=ylabel)
         axes[0].set_ylim(-0.03, 1.03)
         axes[0].legend(fontsize="small")
-        rows = self._rows(load_layer, training)
         steps = np.unique([r["step"] for r in rows])
         loads = np.zeros((len(steps), len(rows[0]["load"])))
         for r in rows:

@@ -207,9 +207,7 @@ class ExpertChoiceRouter(Router):
 
     def __init__(self, d_model: int, num_experts: int, capacity_factor: float = 1.0):
         super().__init__(d_model, num_experts)
-        if _checks.non_negative("capacity_factor", capacity_factor) == 0:
-            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
-        self.capacity_factor = float(capacity_factor)
+        self.capacity_factor = _checks.positive("capacity_factor", capacity_factor)
 
     def forward(self, x: torch.Tensor, available_experts: torch.Tensor | None = None) -> Routing:
         available = self._available(available_experts, 1)

@@ -63,8 +63,7 @@ class TrainConfig:
             _checks.non_negative(name, getattr(self, name))
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr must be <= lr={self.lr}, got {self.min_lr}")
-        if self.max_seconds is not None and _checks.non_negative("max_seconds", self.max_seconds) == 0:
-            raise ValueError(f"max_seconds must be > 0 or None, got {self.max_seconds}")
+        _checks.positive("max_seconds", self.max_seconds, none_means="no time limit")
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
