@@ -13,7 +13,9 @@ another, and the loss of the step is the mean of the shard losses. The same conf
 process runs all M shards itself (gradient accumulation), so a W-rank run and a one-process run
 with the same micro_batches take the same steps, up to float rounding. Per shard, not per
 batch, because the Switch aux loss of a shard is not additive: f and P are statistics of the
-tokens it routes (cross-entropy and z-loss, being means over tokens, would not care).
+tokens it routes (cross-entropy and z-loss, being means over tokens, would not care). Random
+draws in the forward (the noisy top-k router's noise) are seeded per (seed, step, shard), so
+they too do not depend on which rank runs a shard.
 """
 
 import math
@@ -142,7 +144,8 @@ def clip_gradients(model: MoETransformer, max_norm: float) -> float:
     squared norms of the expert shards are summed over the ranks first (collective). -> the norm."""
     if not model.expert_parallel:
         return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    sharded = {id(p) for name, p in model.named_parameters() if name in model.sharded_parameters()}
+    names = model.sharded_parameters()
+    sharded = {id(p) for name, p in model.named_parameters() if name in names}
     squares = torch.zeros(2, dtype=torch.float64, device=model.token_embedding.weight.device)
     for p in model.parameters():
         if p.grad is not None:
@@ -190,7 +193,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         losses, loads, dropped = [], [], []  # per shard this rank runs
         for shard in range(self.rank, M, W):
-            _, loss = model(x[shard::M].to(device), y[shard::M].to(device))
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(hash((config.seed, self.step, shard)) % 2**63)  # the shard's own noise
+                _, loss = model(x[shard::M].to(device), y[shard::M].to(device))
             (loss / (M // W)).backward()
             stats = model.routing_stats()
             losses.append(torch.stack([model.last_losses[name].double() for name in ("task", "aux", "z")]))
@@ -241,13 +246,15 @@ class Trainer:
         steps, at config.steps, and when config.max_seconds of training have passed (then it stops)."""
         config = self.config
         end = config.steps if steps is None else self.step + _checks.positive_int("steps", steps, minimum=0)
-        started = time.perf_counter()
+        started, device = time.perf_counter(), self.model.token_embedding.weight.device
         bar = tqdm(total=end - self.step, disable=not progress or self.rank != 0, desc="training", unit="step")
         while self.step < end:
             self.train_step()
             bar.update()
             bar.set_postfix(loss=f"{self.history.loss[-1]:.3f}")
             out_of_time = config.max_seconds is not None and time.perf_counter() - started >= config.max_seconds
+            if config.max_seconds is not None and self.world > 1:  # stop together, or collectives would mismatch
+                out_of_time = bool(_sum_over_ranks(self.model, torch.tensor([float(out_of_time)], device=device))[0] > 0)
             if self.step % config.eval_every == 0 or self.step == config.steps or out_of_time:
                 self.history.val_step.append(self.step)
                 self.history.val_loss.append(evaluate(self.model, self.corpus, config.eval_batches,
@@ -293,15 +300,17 @@ class Trainer:
         return {"state": moved, "param_groups": state["param_groups"]}
 
     @classmethod
-    def load(cls, path, corpus: Corpus, expert_parallel: bool = False, group=None, device=None) -> "Trainer":
+    def load(cls, path, corpus: Corpus, expert_parallel: bool = False, group=None, device=None,
+             **changes) -> "Trainer":
         """The Trainer `save` wrote, on one process; expert_parallel=True shards it over `group`
-        (collective: every rank loads the same file). device: where the model goes (default CPU)."""
+        (collective: every rank loads the same file). device: where the model goes (default CPU).
+        changes: TrainConfig fields to change (e.g. steps=600, or micro_batches for more ranks)."""
         checkpoint = torch.load(path, weights_only=True, map_location="cpu")
         model = MoETransformer(MoETransformerConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])
         if expert_parallel:
             model.to_expert_parallel(group)
-        trainer = cls(model.to(device), corpus, TrainConfig(**checkpoint["train_config"]))
+        trainer = cls(model.to(device), corpus, replace(TrainConfig(**checkpoint["train_config"]), **changes))
         trainer.optimizer.load_state_dict(trainer._resharded_optimizer_state(checkpoint["optimizer"]))
         trainer.step = checkpoint["step"]
         trainer.history = History(**checkpoint["history"])
@@ -321,8 +330,7 @@ def steps_for_budget(model: MoETransformer, corpus: Corpus, config: TrainConfig,
     over the median time of calibration_steps steps on a copy (after one untimed step; the median
     ignores a step slowed by another process). Validation time is not included. Use it to give
     models of different speed the same wall-clock budget."""
-    if _checks.non_negative("seconds", seconds) == 0:
-        raise ValueError(f"seconds must be > 0, got {seconds}")
+    _checks.positive("seconds", seconds)
     calibration_steps = _checks.positive_int("calibration_steps", calibration_steps)
     twin = MoETransformer(model.config)  # not deepcopy: the last forward's losses are graph tensors
     twin.load_state_dict(model.state_dict())

@@ -33,7 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
                    help="auto: nccl when CUDA GPUs are present, else gloo on CPU")
     p.add_argument("--out", type=Path, default=Path("run"), help="folder for checkpoint.pt and history.json")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (on any number of ranks)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt (on any number of ranks); the model and training "
+                        "options come from the checkpoint, except --steps and --micro-batches when given")
     p.add_argument("--save-every", type=int, default=0, help="also checkpoint every this many steps (0: at the end)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds before a stuck collective raises")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -46,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--aux-loss-coef", type=float, default=0.01)
     model.add_argument("--z-loss-coef", type=float, default=1e-3)
     train = p.add_argument_group("training (TrainConfig)")
-    for name, default in (("steps", 300), ("batch_size", 16), ("warmup_steps", 20), ("eval_every", 50),
+    train.add_argument("--steps", type=int, default=None, help="total steps (default: 300, or the checkpoint's)")
+    for name, default in (("batch_size", 16), ("warmup_steps", 20), ("eval_every", 50),
                           ("eval_batches", 8), ("seed", 0)):
         train.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     train.add_argument("--micro-batches", type=int, default=None, help="shards per batch (default: the ranks)")
@@ -64,8 +67,9 @@ def configs(args: argparse.Namespace, world: int) -> tuple[MoETransformerConfig,
         "seq_len", "d_model", "n_layers", "n_heads", "d_hidden", "num_experts", "k", "moe_every",
         "num_shared_experts", "router", "capacity_factor", "aux_loss_coef", "z_loss_coef")})
     train = TrainConfig(**{name: getattr(args, name) for name in (
-        "steps", "batch_size", "warmup_steps", "eval_every", "eval_batches", "seed", "lr", "min_lr")},
-                        micro_batches=args.micro_batches or world)
+        "batch_size", "warmup_steps", "eval_every", "eval_batches", "seed", "lr", "min_lr")},
+                        steps=300 if args.steps is None else args.steps,
+                        micro_batches=world if args.micro_batches is None else args.micro_batches)
     return model, train
 
 
@@ -85,7 +89,8 @@ def main(argv=None) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     corpus, checkpoint = load_corpus(), args.out / "checkpoint.pt"
     if args.resume:
-        trainer = Trainer.load(checkpoint, corpus, expert_parallel=world > 1, device=device)
+        changes = {name: getattr(args, name) for name in ("steps", "micro_batches") if getattr(args, name) is not None}
+        trainer = Trainer.load(checkpoint, corpus, expert_parallel=world > 1, device=device, **changes)
     else:
         model_config, train_config = configs(args, world)
         torch.manual_seed(args.seed)  # the same on every rank: equal replicated weights, and the shards of one model

@@ -19,7 +19,8 @@ TINY = dict(seq_len=32, d_model=32, n_layers=2, n_heads=4, d_hidden=32, num_expe
 TRAIN = TrainConfig(steps=6, batch_size=8, micro_batches=2, warmup_steps=2, eval_every=3, eval_batches=2,
                     grad_clip=0.05)
 HALF = 3  # the checkpoint is taken after this many steps
-RUNS = {"topk": dict(TINY), "sigmoid_bias": dict(TINY, router="sigmoid_bias", bias_update_rate=0.01)}
+RUNS = {"topk": dict(TINY), "sigmoid_bias": dict(TINY, router="sigmoid_bias", bias_update_rate=0.01),
+        "noisy_topk": dict(TINY, router="noisy_topk")}  # its noise must not depend on the rank
 
 
 def train(name: str, out_dir: str) -> dict:
@@ -29,7 +30,9 @@ def train(name: str, out_dir: str) -> dict:
     trainer.run(steps=HALF, progress=False)
     trainer.save(Path(out_dir, f"{name}.pt"))
     trainer.run(progress=False)
-    return dict(history=asdict(trainer.history), params=model.num_params(),
+    resumed = Trainer.load(Path(out_dir, f"{name}.pt"), load_corpus(), expert_parallel=True)  # re-sharded
+    resumed.run(progress=False)
+    return dict(history=asdict(trainer.history), resumed_loss=resumed.history.loss, params=model.num_params(),
                 active_params=model.num_params(active=True), held_params=sum(p.numel() for p in model.parameters()),
                 layer_types=[type(layer).__name__ for layer in model.moe_layers],
                 all_expert_parallel=all(isinstance(layer, ExpertParallelMoE) for layer in model.moe_layers),

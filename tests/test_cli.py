@@ -4,11 +4,13 @@ skip; `train` runs the chapter-07 Trainer and writes its history."""
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy
 import pytest
 import torch
 
+from minimoe import train_cli
 from minimoe.cli import main
 
 
@@ -48,7 +50,7 @@ def test_train_subcommand_runs_the_trainer_and_writes_its_history(tmp_path):
 
     from minimoe.data import load_corpus
     from minimoe.model import MoETransformer
-    from minimoe.train import Trainer
+    from minimoe.train import Trainer, learning_rate
     from minimoe.train_cli import configs, parse_args
 
     model_config, train_config = configs(parse_args(options), world=1)
@@ -58,6 +60,14 @@ def test_train_subcommand_runs_the_trainer_and_writes_its_history(tmp_path):
     assert record["history"]["step"] == [0, 1, 2]
     assert numpy.allclose(record["history"]["loss"], trainer.history.loss, rtol=0, atol=1e-5)
 
+    resumed = subprocess.run([sys.executable, "-m", "minimoe", "train", "--resume", "--steps", "5", "--no-progress",
+                              "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    history = json.loads((tmp_path / "history.json").read_text())["history"]
+    assert history["step"] == [0, 1, 2, 3, 4] and history["loss"][:3] == record["history"]["loss"]
+    longer = replace(train_config, steps=5)  # the schedule of the new length from step 3 on
+    assert history["lr"][3:] == pytest.approx([learning_rate(3, longer), learning_rate(4, longer)])
+
 
 def test_train_subcommand_passes_help_and_bad_options_to_the_trainer():
     help_text = subprocess.run([sys.executable, "-m", "minimoe", "train", "--help"],
@@ -66,3 +76,5 @@ def test_train_subcommand_passes_help_and_bad_options_to_the_trainer():
     bad = subprocess.run([sys.executable, "-m", "minimoe", "train", "--save-every", "-1"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--save-every must be >= 0, got -1" in bad.stderr
+    with pytest.raises(ValueError, match="micro_batches must be >= 1, got 0"):  # 0 is not "the ranks"
+        train_cli.configs(train_cli.parse_args(["--micro-batches", "0"]), world=2)

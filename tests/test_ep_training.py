@@ -114,6 +114,14 @@ def test_a_two_rank_checkpoint_resumes_on_one_process(ranks, reference, corpus, 
         assert _close(a, b) <= ATOL
 
 
+@pytest.mark.parametrize("name", list(RUNS))
+def test_a_checkpoint_resumes_resharded_over_two_ranks(ranks, name):
+    """Trainer.load(expert_parallel=True): the single-process checkpoint is cut into expert shards
+    (weights and Adam moments) and continues exactly as the uninterrupted 2-rank run."""
+    for result in _results(ranks, name):
+        assert _close(result["resumed_loss"], result["history"]["loss"]) <= ATOL
+
+
 def test_micro_batches_without_aux_loss_equal_the_whole_batch(corpus):
     """Cross-entropy and z-loss are means over tokens: without the aux loss, 2 shards of a batch
     train like the whole batch. The aux loss is not: f and P are statistics of the shard."""
