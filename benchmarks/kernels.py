@@ -133,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     args = parser.parse_args(argv)
+    if not 1 <= args.k <= args.experts:
+        parser.error(f"--k must be in [1, --experts={args.experts}], got {args.k}")
+    if min(args.tokens + args.widths) < 1:
+        parser.error(f"--tokens and --widths must be >= 1, got {args.tokens} and {args.widths}")
     if not torch.cuda.is_available() or kernels.MODE != "compiled":
         print(f"benchmarks/kernels.py needs a CUDA GPU with Triton compiling kernels (here: kernels "
               f"MODE={kernels.MODE!r}, CUDA available: {torch.cuda.is_available()}). Nothing to measure; "

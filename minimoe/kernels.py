@@ -43,7 +43,7 @@ if triton is not None:
 
     @triton.jit
     def _permute_kernel(x_ptr, dest_ptr, w_ptr, out_ptr, d, K: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
+                        ACC: tl.constexpr, BLOCK_D: tl.constexpr):
         """out[dest[t, j]] = x[t] (times w[t, j] if HAS_WEIGHTS) for every kept slot j of token t."""
         t = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -54,7 +54,7 @@ if triton is not None:
             if r >= 0:  # a dropped assignment has no row
                 val = row
                 if HAS_WEIGHTS:
-                    val = (row.to(tl.float32) * tl.load(w_ptr + t * K + j).to(tl.float32)).to(row.dtype)
+                    val = (row.to(ACC) * tl.load(w_ptr + t * K + j).to(ACC)).to(row.dtype)
                 tl.store(out_ptr + r * d + cols, val, mask=in_row)
 
     @triton.jit
@@ -126,7 +126,7 @@ def _launch_permute(x: torch.Tensor, dest: torch.Tensor, weights: torch.Tensor |
         w = x if weights is None else weights.contiguous()  # an unused pointer when no weights
         with torch.cuda.device_of(x):
             _permute_kernel[grid](x, dest, w, out, x.shape[1], K=dest.shape[1], HAS_WEIGHTS=weights is not None,
-                                  BLOCK_D=block)
+                                  ACC=_acc_dtype(x.dtype), BLOCK_D=block)
     return out
 
 
@@ -202,12 +202,16 @@ def _check_rows(name: str, value, rows: int | None = None, what: str = "") -> to
     return value
 
 
-def _check_dest(dest, num_tokens: int | None = None) -> torch.Tensor:
+def _check_dest(dest, num_rows: int, num_tokens: int | None = None) -> torch.Tensor:
+    """dest [T, k] int64 holding rows in [0, num_rows) or -1 (dropped)."""
     _checks.tensor("dest", dest, ndim=2)
     if dest.dtype != torch.int64 or (num_tokens is not None and dest.shape[0] != num_tokens):
         expected = "T" if num_tokens is None else f"T={num_tokens}"
         raise ValueError(f"dest must be an int64 [{expected}, k] tensor (see destinations), "
                          f"got {dest.dtype} of shape {tuple(dest.shape)}")
+    if dest.numel() and (int(dest.min()) < -1 or int(dest.max()) >= num_rows):
+        raise ValueError(f"dest must hold rows in [0, {num_rows}) or -1 (dropped), "
+                         f"got values in [{int(dest.min())}, {int(dest.max())}]")
     return dest
 
 
@@ -230,8 +234,8 @@ def permute_rows(x: torch.Tensor, dest: torch.Tensor, num_rows: int) -> torch.Te
     alone, for callers that build the destination map once. dest [T, k] int64 must fill every row
     once (as `destinations(plan)` with num_rows = S does). Raises RuntimeError if MODE == "torch"."""
     _check_rows("x", x)
-    _check_dest(dest, x.shape[0])
     _checks.positive_int("num_rows", num_rows, minimum=0)
+    _check_dest(dest, num_rows, x.shape[0])
     _needs_kernels(x)
     return _Permute.apply(x, dest.to(x.device), num_rows)
 
@@ -241,7 +245,7 @@ def unpermute_rows(y: torch.Tensor, dest: torch.Tensor, weights: torch.Tensor | 
     (weights None: 1): the combine kernel alone. dest [T, k] int64 holds rows of y or -1.
     Raises RuntimeError if MODE == "torch"."""
     _check_rows("y", y)
-    _check_dest(dest)
+    _check_dest(dest, y.shape[0])
     _check_weights(weights, dest.shape)
     _needs_kernels(y)
     return _Unpermute.apply(y, dest.to(y.device), weights)

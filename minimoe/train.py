@@ -253,8 +253,9 @@ class Trainer:
             bar.update()
             bar.set_postfix(loss=f"{self.history.loss[-1]:.3f}")
             out_of_time = config.max_seconds is not None and time.perf_counter() - started >= config.max_seconds
-            if config.max_seconds is not None and self.world > 1:  # stop together, or collectives would mismatch
-                out_of_time = bool(_sum_over_ranks(self.model, torch.tensor([float(out_of_time)], device=device))[0] > 0)
+            if config.max_seconds is not None and self.world > 1:  # stop together, or collectives mismatch
+                votes = _sum_over_ranks(self.model, torch.tensor([float(out_of_time)], device=device))
+                out_of_time = bool(votes[0] > 0)
             if self.step % config.eval_every == 0 or self.step == config.steps or out_of_time:
                 self.history.val_step.append(self.step)
                 self.history.val_loss.append(evaluate(self.model, self.corpus, config.eval_batches,

@@ -145,6 +145,11 @@ def test_gradcheck_float64():
     w = torch.rand(4, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: kernels.triton_permute(t, plan), (x,))
     assert torch.autograd.gradcheck(lambda a, b: kernels.triton_unpermute(a, plan, b), (y, w))
+    grad = randn(4, 3, dtype=torch.float64, seed=5, requires_grad=False)
+    got = torch.autograd.grad(kernels.triton_unpermute(y, plan, w), (y, w), grad)
+    expected = torch.autograd.grad(unpermute(y, plan, w), (y, w), grad)
+    for a, b in zip(got, expected, strict=True):  # float64 accumulation in every kernel, backward included
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
 
 
 @needs_triton
@@ -215,6 +220,9 @@ BAD_CALLS = {
                    ValueError, "dest"),
     "num-rows": (lambda: kernels.permute_rows(torch.zeros(4, 3), kernels.destinations(PLAN), -1), ValueError,
                  "num_rows"),
+    "dest-past-rows": (lambda: kernels.permute_rows(torch.zeros(4, 3), torch.full((4, 2), 8), 8), ValueError, "dest"),
+    "dest-below-minus-1": (lambda: kernels.unpermute_rows(torch.zeros(8, 3), torch.full((4, 2), -2)), ValueError,
+                           "dest"),
 }
 
 
@@ -272,7 +280,7 @@ from triton.compiler import ASTSource
 from minimoe import kernels
 for dt, acc in [("bf16", tl.float32), ("fp16", tl.float32), ("fp32", tl.float32), ("fp64", tl.float64)]:
     for fn, ptrs, constexprs in [
-        (kernels._permute_kernel, dict(x_ptr=dt, w_ptr="fp32", out_ptr=dt), dict(K=3, HAS_WEIGHTS=True)),
+        (kernels._permute_kernel, dict(x_ptr=dt, w_ptr="fp32", out_ptr=dt), dict(K=3, HAS_WEIGHTS=True, ACC=acc)),
         (kernels._unpermute_kernel, dict(y_ptr=dt, w_ptr="fp32", out_ptr=dt), dict(K=2, HAS_WEIGHTS=True, ACC=acc)),
         (kernels._weight_grad_kernel, dict(grad_ptr=dt, y_ptr=dt, out_ptr="fp32"), dict(K=4, ACC=acc))]:
         types = ptrs | dict(dest_ptr="i64")
@@ -302,6 +310,14 @@ def test_benchmark_without_a_gpu_says_so_and_exits_0(capsys):
 
 
 @needs_triton
+@pytest.mark.parametrize(("argv", "message"), [(["--k", "9"], "--k must be in [1, --experts=8], got 9"),
+                                               (["--widths", "0"], "--tokens and --widths must be >= 1")])
+def test_benchmark_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_benchmark_compares_like_with_like():
     case = bench.Case(tokens=6, width=5, k=3, num_experts=4, dtype=torch.float32, device=DEVICE)
     assert case.bytes_moved == (1 + 3) * 6 * 5 * 4
