@@ -1,5 +1,6 @@
 """What every exercise check must do, shared by the chapters' check tests: pass a right answer
-with one stable line, fail a wrong one naming the task, and call a stub not implemented."""
+with one stable line, fail a wrong one naming the task, call a stub not implemented, and refuse
+something that is not a function."""
 
 import pytest
 
@@ -29,7 +30,7 @@ def assert_stub_not_implemented(check, task):
 
 
 def contract_tests(cases):
-    """The three contract tests for a chapter's CASES = [(check, task, [correct answers], [wrong
+    """The four contract tests for a chapter's CASES = [(check, task, [correct answers], [wrong
     answers])], to assign to test_* names in the chapter's test module."""
     correct = [(c[0], c[1], a) for c in cases for a in c[2]]
     wrong = [(c[0], c[1], w) for c in cases for w in c[3]]
@@ -48,4 +49,10 @@ def contract_tests(cases):
     def reports_a_stub_as_not_implemented(check, task):
         assert_stub_not_implemented(check, task)
 
-    return passes_correct_answers, fails_wrong_answers_naming_the_task, reports_a_stub_as_not_implemented
+    @pytest.mark.parametrize("check, task", [(c[0], c[1]) for c in cases], ids=[c[1] for c in cases])
+    def rejects_a_non_function(check, task):
+        with pytest.raises(CheckFailure, match=f"task {task}: expected a function, got NoneType"):
+            check(None)
+
+    return (passes_correct_answers, fails_wrong_answers_naming_the_task, reports_a_stub_as_not_implemented,
+            rejects_a_non_function)

@@ -137,6 +137,12 @@ def quantize_float_q(w):
     return q.float(), scale
 
 
+def quantize_float_array_q(w):
+    """The rounded values as a float32 NumPy array: right values, wrong dtype."""
+    q, scale = quantize_int8(w)
+    return q.float().numpy(), scale
+
+
 def fifo_hit_rate(trace, cache_size):
     cache, hits = deque(), 0
     for expert in trace.reshape(-1).tolist():
@@ -188,7 +194,7 @@ CASES = [
     ]),
     (ch09.check_quantize_int8, "9.2", [quantize_int8, quantize_int8_numpy], [
         quantize_truncating, quantize_per_tensor, quantize_per_input_row, quantize_by_128, quantize_zero_column_nan,
-        quantize_float_q,
+        quantize_float_q, quantize_float_array_q,
         lambda w: (quantize_int8(w)[0], quantize_int8(w)[1].squeeze(-2)),        # scale without the kept dim
     ]),
     (ch09.check_lru_hit_rate, "9.3", [lru_hit_rate, lru_hit_rate_with_timestamps], [
@@ -207,12 +213,15 @@ CASES = [
 
 
 (test_check_passes_correct_answers, test_check_fails_wrong_answers_naming_the_task,
- test_check_reports_a_stub_as_not_implemented) = contract_tests(CASES)
+ test_check_reports_a_stub_as_not_implemented,
+ test_check_rejects_a_non_function) = contract_tests(CASES)
 
 
 def test_float_q_is_reported_as_a_dtype_problem():
     with pytest.raises(CheckFailure, match="task 9.2: q must be an int8 tensor, got dtype torch.float32"):
         ch09.check_quantize_int8(quantize_float_q)
+    with pytest.raises(CheckFailure, match="task 9.2: q must be an int8 tensor, got dtype float32"):
+        ch09.check_quantize_int8(quantize_float_array_q)
 
 
 def case_inputs(make_inputs):

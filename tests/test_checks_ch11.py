@@ -286,7 +286,8 @@ CASES = [
 
 
 (test_check_passes_correct_answers, test_check_fails_wrong_answers_naming_the_task,
- test_check_reports_a_stub_as_not_implemented) = contract_tests(CASES)
+ test_check_reports_a_stub_as_not_implemented,
+ test_check_rejects_a_non_function) = contract_tests(CASES)
 
 
 @pytest.mark.parametrize(("wrong", "message"), [

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["CheckFailure", "assert_close", "run_check"]
+__all__ = ["CheckFailure", "assert_close", "require_function", "run_check"]
 
 
 class CheckFailure(AssertionError):
@@ -59,6 +59,13 @@ def assert_close(got, expected, what: str = "output", atol: float = 1e-6, rtol: 
             f"{first}: got {got_a[first]:.6g}, expected {expected_a[first]:.6g}")
 
 
+def require_function(task: str, learner_fn) -> None:
+    """Raise CheckFailure unless the learner's answer is a function (checks that wrap it call this
+    first, since the wrapper is always callable)."""
+    if not callable(learner_fn):
+        raise CheckFailure(f"task {task}: expected a function, got {type(learner_fn).__name__}")
+
+
 def run_check(task: str, learner_fn: Callable, reference_fn: Callable, make_inputs: Callable,
               cases: int = 3, atol: float = 1e-6, rtol: float = 1e-5) -> None:
     """Call learner_fn and reference_fn on make_inputs(rng) for `cases` seeded rngs; print PASS.
@@ -66,8 +73,7 @@ def run_check(task: str, learner_fn: Callable, reference_fn: Callable, make_inpu
     make_inputs(rng) returns a tuple of positional arguments; each function gets its own copy,
     so a learner's function that modifies its inputs cannot change the reference's.
     """
-    if not callable(learner_fn):
-        raise CheckFailure(f"task {task}: expected a function, got {type(learner_fn).__name__}")
+    require_function(task, learner_fn)
     for case in range(cases):
         rng = np.random.default_rng(1000 * case + 7)
         args = make_inputs(rng)
@@ -85,4 +91,5 @@ def run_check(task: str, learner_fn: Callable, reference_fn: Callable, make_inpu
 
 
 def _copy(args: tuple) -> tuple:
-    return tuple(a.copy() if hasattr(a, "copy") else a for a in args)
+    """Fresh copies of the tensors and arrays among args (torch tensors clone, NumPy arrays copy)."""
+    return tuple(a.clone() if hasattr(a, "clone") else a.copy() if hasattr(a, "copy") else a for a in args)

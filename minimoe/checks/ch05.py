@@ -20,7 +20,7 @@ the hundreds, and loads exactly equal to the mean.
 import numpy as np
 import torch
 
-from minimoe.checks import CheckFailure, run_check
+from minimoe.checks import CheckFailure, require_function, run_check
 from minimoe.losses import load_balancing_loss, router_z_loss
 from minimoe.metrics import load_entropy
 from minimoe.routing import TopKRouter
@@ -58,6 +58,7 @@ def _value_and_gradient(loss_fn):
 def check_switch_aux_loss(learner_switch_aux_loss):
     """Task 5.1: switch_aux_loss(probs [T, E], expert_idx [T, k]) -> scalar tensor
     E * sum_i f_i * P_i; compares the value and its gradient w.r.t. probs."""
+    require_function("5.1", learner_switch_aux_loss)
     run_check("5.1", _value_and_gradient(learner_switch_aux_loss), _value_and_gradient(load_balancing_loss),
               _router_scores)
 

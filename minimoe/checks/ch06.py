@@ -31,7 +31,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from minimoe.checks import CheckFailure, run_check
+from minimoe.checks import CheckFailure, require_function, run_check
 from minimoe.checks._inputs import random_expert_idx
 from minimoe.dispatch import expert_capacity, make_plan
 from minimoe.metrics import expert_load
@@ -99,8 +99,7 @@ def _row_by_row(task: str, fn):
 def check_expert_capacity(learner_expert_capacity):
     """Task 6.1: expert_capacity(num_tokens, num_experts, k, capacity_factor) -> int,
     ceil(k * T * capacity_factor / E) exactly (capacity_factor as the decimal it is written as)."""
-    if not callable(learner_expert_capacity):
-        raise CheckFailure(f"task 6.1: expected a function, got {type(learner_expert_capacity).__name__}")
+    require_function("6.1", learner_expert_capacity)
     run_check("6.1", _row_by_row("6.1", learner_expert_capacity), _row_by_row("6.1", expert_capacity),
               capacity_inputs, atol=0, rtol=0)
 

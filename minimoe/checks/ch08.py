@@ -21,7 +21,7 @@ shared offset makes the load uneven, sometimes leaving an expert empty.
 import numpy as np
 import torch
 
-from minimoe.checks import CheckFailure, run_check
+from minimoe.checks import CheckFailure, require_function, run_check
 from minimoe.losses import load_balancing_loss, router_z_loss
 from minimoe.metrics import coefficient_of_variation, max_violation
 from minimoe.monitor import COLLAPSED_ENTROPY, LOGIT_BLOW_UP, diagnose, routing_record
@@ -62,8 +62,7 @@ def _per_load(fn):
 
 def check_imbalance(learner_imbalance):
     """Task 8.1: imbalance(load [E]) -> (max_violation, cv) as floats (or 0-dim tensors)."""
-    if not callable(learner_imbalance):
-        raise CheckFailure(f"task 8.1: expected a function, got {type(learner_imbalance).__name__}")
+    require_function("8.1", learner_imbalance)
     run_check("8.1", _per_load(learner_imbalance),
               _per_load(lambda load: (max_violation(load), coefficient_of_variation(load))), _loads,
               atol=1e-9, rtol=1e-7)
@@ -98,8 +97,7 @@ def _edge_records(rng: np.random.Generator) -> list[dict]:
 def check_diagnose(learner_diagnose):
     """Task 8.2: diagnose(record dict) -> one of "healthy", "logit blow-up", "collapsed",
     "dead experts", on 30 random and 10 edge records per case."""
-    if not callable(learner_diagnose):
-        raise CheckFailure(f"task 8.2: expected a function, got {type(learner_diagnose).__name__}")
+    require_function("8.2", learner_diagnose)
     cases = 3
     for case in range(cases):
         rng = np.random.default_rng(1000 * case + 7)
@@ -168,7 +166,6 @@ def _switch_gate(x: torch.Tensor, router_weight: torch.Tensor):
 def check_switch_gate(learner_switch_gate):
     """Task 8.3: switch_gate(x [T, d], router_weight [E, d]) -> (expert_idx [T] int64, weights [T],
     aux_loss, z_loss); values and gradients w.r.t. router_weight equal minimoe's."""
-    if not callable(learner_switch_gate):
-        raise CheckFailure(f"task 8.3: expected a function, got {type(learner_switch_gate).__name__}")
+    require_function("8.3", learner_switch_gate)
     run_check("8.3", _with_gradients(learner_switch_gate), _with_gradients(_switch_gate), _gate_inputs,
               atol=1e-5, rtol=1e-4)

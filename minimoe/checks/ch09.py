@@ -23,7 +23,7 @@ FIFO and a cache one slot too large or too small all give different hit rates.
 import numpy as np
 import torch
 
-from minimoe.checks import CheckFailure, run_check
+from minimoe.checks import CheckFailure, require_function, run_check
 from minimoe.inference import quantize_int8, routing_entropy, simulate_cache
 from minimoe.routing import TopKRouter
 
@@ -70,11 +70,13 @@ def quantize_inputs(rng: np.random.Generator) -> tuple:
 
 def check_quantize_int8(learner_quantize_int8):
     """Task 9.2: quantize_int8(w [..., n_in, n_out]) -> (q int8 like w, scale [..., 1, n_out])."""
+    require_function("9.2", learner_quantize_int8)
+
     def with_dtype_checked(w):
         out = learner_quantize_int8(w)
-        if isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], torch.Tensor) \
-                and out[0].dtype != torch.int8:
-            raise CheckFailure(f"task 9.2: q must be an int8 tensor, got dtype {out[0].dtype} "
+        dtype = getattr(out[0], "dtype", None) if isinstance(out, (tuple, list)) and len(out) == 2 else torch.int8
+        if dtype not in (torch.int8, np.int8):  # a float tensor or array of rounded values is not int8
+            raise CheckFailure(f"task 9.2: q must be an int8 tensor, got dtype {dtype} "
                                "(hint: .to(torch.int8) after rounding)")
         return out
 

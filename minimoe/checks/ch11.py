@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from minimoe import kernels
-from minimoe.checks import CheckFailure, run_check
+from minimoe.checks import CheckFailure, require_function, run_check
 from minimoe.dispatch import DispatchPlan, make_plan, permute, unpermute
 
 __all__ = ["check_copy_rows", "check_destinations", "check_permute", "check_unpermute"]
@@ -94,6 +94,7 @@ def _run_guarded(task: str, learner_fn, inputs: tuple, out_shape: tuple[int, int
 def check_copy_rows(learner_copy_rows):
     """Task 11.1: copy_rows(x [n_in, d] float32, src [n] int64, out [n, d]) fills out[i] = x[src[i]]
     with a Triton kernel."""
+    require_function("11.1", learner_copy_rows)
     def make_inputs(rng):
         num_in, num_out, d = int(rng.integers(3, 16)), int(rng.integers(5, 25)), int(rng.integers(1, 70))
         return _floats(rng, num_in, d), torch.from_numpy(rng.integers(0, num_in, num_out))
@@ -113,6 +114,7 @@ def check_destinations(learner_destinations):
 def check_permute(learner_permute):
     """Task 11.3: permute(x [T, d], dest [T, k], out [S, d]) fills out[dest[t, j]] = x[t] for every
     kept assignment, with a Triton kernel."""
+    require_function("11.3", learner_permute)
     def make_inputs(rng):
         plan = _plan(rng)
         return _floats(rng, plan.kept.shape[0], int(rng.integers(1, 70))), kernels.destinations(plan)
@@ -127,6 +129,7 @@ def check_permute(learner_permute):
 def check_unpermute(learner_unpermute):
     """Task 11.4: unpermute(y [S, d], dest [T, k], weights [T, k], out [T, d]) fills
     out[t] = sum over kept j of weights[t, j] * y[dest[t, j]] (zeros if all dropped), with a Triton kernel."""
+    require_function("11.4", learner_unpermute)
     def make_inputs(rng):
         plan = _plan(rng)
         weights = torch.from_numpy(rng.random(plan.kept.shape).astype(np.float32))
