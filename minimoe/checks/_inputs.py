@@ -4,6 +4,11 @@ import numpy as np
 import torch
 
 
+def random_floats(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
+    """float32 tensor of the given shape, N(0, scale^2) entries."""
+    return torch.from_numpy((scale * rng.standard_normal(shape)).astype(np.float32))
+
+
 def random_expert_idx(rng: np.random.Generator, num_tokens: int, num_experts: int, k: int, *,
                       concentration: float = 0.7, idle: int = 0, idle_probability: float = 1.0) -> torch.Tensor:
     """[T, k] int64: k distinct experts per token, as a top-k router picks them, with uneven

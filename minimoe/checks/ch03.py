@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from minimoe.checks import run_check
-from minimoe.checks._inputs import random_expert_idx
+from minimoe.checks._inputs import random_expert_idx, random_floats
 from minimoe.dispatch import DispatchPlan, make_plan, permute, unpermute
 from minimoe.layer import MoELayer
 from minimoe.routing import TopKRouter
@@ -44,10 +44,6 @@ def _plan_from_order(order: torch.Tensor, num_tokens: int, k: int) -> DispatchPl
     return DispatchPlan(order, torch.zeros(0, dtype=torch.int64), torch.ones(num_tokens, k, dtype=torch.bool), None)
 
 
-def _floats(rng: np.random.Generator, *shape: int) -> torch.Tensor:
-    return torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
-
-
 def check_sort_by_expert(learner_sort_by_expert):
     """Task 3.1: sort_by_expert(expert_idx [T, k] int64, num_experts) -> (order [T*k] int64,
     tokens_per_expert [E] int64), order = the assignment ids t * k + j stably sorted by expert."""
@@ -67,7 +63,7 @@ def check_permute(learner_permute):
     def make_inputs(rng):
         num_tokens, num_experts, k = _sizes(rng)
         order = make_plan(_expert_idx(rng, num_tokens, num_experts, k), num_experts).order
-        return _floats(rng, num_tokens, int(rng.integers(2, 17))), order, k
+        return random_floats(rng, num_tokens, int(rng.integers(2, 17))), order, k
 
     def reference(x, order, k):
         return permute(x, _plan_from_order(order, x.shape[0], k))
@@ -82,7 +78,7 @@ def check_unpermute(learner_unpermute):
         num_tokens, num_experts, k = _sizes(rng, min_k=2)
         order = make_plan(_expert_idx(rng, num_tokens, num_experts, k), num_experts).order
         weights = torch.from_numpy(rng.dirichlet(np.ones(k), size=num_tokens).astype(np.float32))
-        return _floats(rng, num_tokens * k, int(rng.integers(2, 17))), order, weights
+        return random_floats(rng, num_tokens * k, int(rng.integers(2, 17))), order, weights
 
     def reference(y, order, weights):
         return unpermute(y, _plan_from_order(order, weights.shape[0], weights.shape[1]), weights)
@@ -110,9 +106,9 @@ def check_moe_forward(learner_moe_forward):
         k = int(rng.integers(1, min(3, num_experts - 1) + 1))
         d, h = 4 * int(rng.integers(2, 5)), 8 * int(rng.integers(1, 4))
         scale_in, scale_hidden = d ** -0.5, h ** -0.5
-        return (_floats(rng, num_tokens, d), _floats(rng, num_experts, d),
-                _floats(rng, num_experts, d, h) * scale_in, _floats(rng, num_experts, d, h) * scale_in,
-                _floats(rng, num_experts, h, d) * scale_hidden, k)
+        return (random_floats(rng, num_tokens, d), random_floats(rng, num_experts, d),
+                random_floats(rng, num_experts, d, h) * scale_in, random_floats(rng, num_experts, d, h) * scale_in,
+                random_floats(rng, num_experts, h, d) * scale_hidden, k)
 
     def reference(x, router_weight, w_gate, w_up, w_down, k):
         with torch.no_grad():

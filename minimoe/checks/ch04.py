@@ -25,13 +25,11 @@ import numpy as np
 import torch
 
 from minimoe.checks import run_check
+from minimoe.checks._inputs import random_floats
+from minimoe.checks.ch05 import updated_bias
 from minimoe.routing import ExpertChoiceRouter, NoisyTopKRouter, TopKRouter
 
 __all__ = ["check_expert_choice", "check_noisy_top_k_gate", "check_sigmoid_bias_route", "check_update_bias"]
-
-
-def _floats(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
-    return torch.from_numpy((scale * rng.standard_normal(shape)).astype(np.float32))
 
 
 def _identity_weight(router_weight: torch.nn.Parameter, columns: slice) -> None:
@@ -50,21 +48,21 @@ def _sizes(rng: np.random.Generator) -> tuple[int, int, int]:
 def noisy_inputs(rng: np.random.Generator) -> tuple:
     """Task 4.1's arguments: (logits, noise_logits, standard_normal) [T, E] each, and k."""
     num_tokens, num_experts, k = _sizes(rng)
-    return (_floats(rng, num_tokens, num_experts, scale=1.5), _floats(rng, num_tokens, num_experts),
-            _floats(rng, num_tokens, num_experts), k)
+    return (random_floats(rng, num_tokens, num_experts, scale=1.5), random_floats(rng, num_tokens, num_experts),
+            random_floats(rng, num_tokens, num_experts), k)
 
 
 def expert_choice_inputs(rng: np.random.Generator) -> tuple:
     """Task 4.2's arguments: logits [T, E] and a capacity C near T * factor / E, factor in [0.6, 1.2]."""
     num_tokens, num_experts = int(rng.integers(16, 41)), int(rng.integers(4, 9))
     capacity = max(1, round(num_tokens * rng.uniform(0.6, 1.2) / num_experts))
-    return _floats(rng, num_tokens, num_experts, scale=1.5), capacity
+    return random_floats(rng, num_tokens, num_experts, scale=1.5), capacity
 
 
 def sigmoid_bias_inputs(rng: np.random.Generator) -> tuple:
     """Task 4.3's arguments: logits [T, E], a bias [E] small enough to move some choices, and k."""
     num_tokens, num_experts, k = _sizes(rng)
-    return _floats(rng, num_tokens, num_experts, scale=1.5), _floats(rng, num_experts, scale=0.2), k
+    return random_floats(rng, num_tokens, num_experts, scale=1.5), random_floats(rng, num_experts, scale=0.2), k
 
 
 def update_bias_inputs(rng: np.random.Generator) -> tuple:
@@ -74,7 +72,7 @@ def update_bias_inputs(rng: np.random.Generator) -> tuple:
     loads = rng.integers(0, 300, size=num_experts - 1)
     loads[0] += -loads.sum() % (num_experts - 1)  # their mean is an integer ...
     loads = rng.permutation(np.append(loads, loads.sum() // (num_experts - 1)))  # ... and one expert has it
-    return (_floats(rng, num_experts, scale=0.05), torch.from_numpy(loads.astype(np.int64)),
+    return (random_floats(rng, num_experts, scale=0.05), torch.from_numpy(loads.astype(np.int64)),
             float(rng.uniform(0.001, 0.1)))
 
 
@@ -134,10 +132,4 @@ def check_sigmoid_bias_route(learner_sigmoid_bias_route):
 def check_update_bias(learner_update_bias):
     """Task 4.4: update_bias(bias [E], tokens_per_expert [E] int64, rate) -> the new bias [E],
     equal to TopKRouter.update_bias. One expert's load equals the mean exactly (sign 0)."""
-    def reference(bias, tokens_per_expert, rate):
-        router = TopKRouter(1, bias.shape[0], 1, bias_update_rate=rate)
-        router.expert_bias.copy_(bias)
-        router.update_bias(tokens_per_expert)
-        return router.expert_bias
-
-    run_check("4.4", learner_update_bias, reference, update_bias_inputs)
+    run_check("4.4", learner_update_bias, updated_bias, update_bias_inputs)

@@ -24,14 +24,11 @@ import numpy as np
 import torch
 
 from minimoe.checks import CheckFailure, require_function, run_check
+from minimoe.checks._inputs import random_floats
 from minimoe.inference import quantize_int8, routing_entropy, simulate_cache
 from minimoe.routing import TopKRouter
 
 __all__ = ["check_lru_hit_rate", "check_masked_topk", "check_quantize_int8", "check_routing_entropy"]
-
-
-def _floats(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
-    return torch.from_numpy((scale * rng.standard_normal(shape)).astype(np.float32))
 
 
 def masked_topk_inputs(rng: np.random.Generator) -> tuple:
@@ -41,7 +38,7 @@ def masked_topk_inputs(rng: np.random.Generator) -> tuple:
     masked = rng.choice(num_experts, size=int(rng.integers(1, num_experts - k + 1)), replace=False)
     available = torch.ones(num_experts, dtype=torch.bool)
     available[torch.from_numpy(masked)] = False
-    return _floats(rng, num_tokens, num_experts, scale=1.5), available, k
+    return random_floats(rng, num_tokens, num_experts, scale=1.5), available, k
 
 
 def check_masked_topk(learner_masked_topk):
@@ -62,7 +59,7 @@ def quantize_inputs(rng: np.random.Generator) -> tuple:
     one all-zero column in the 3-D cases."""
     n_in, n_out = int(rng.integers(4, 33)), int(rng.integers(3, 25))
     shape = (n_in, n_out) if rng.random() < 0.5 else (int(rng.integers(2, 5)), n_in, n_out)
-    w = _floats(rng, *shape) * torch.from_numpy(rng.uniform(0.01, 2.0, n_out).astype(np.float32))
+    w = random_floats(rng, *shape) * torch.from_numpy(rng.uniform(0.01, 2.0, n_out).astype(np.float32))
     if len(shape) == 3:
         w[0, :, int(rng.integers(n_out))] = 0.0
     return (w,)
@@ -110,7 +107,7 @@ def entropy_inputs(rng: np.random.Generator) -> tuple:
     """Task 9.4's argument: probs [T, E], softmax rows with some exact zeros (masked experts),
     and one one-hot row."""
     num_tokens, num_experts = int(rng.integers(8, 33)), int(rng.integers(3, 13))
-    logits = _floats(rng, num_tokens, num_experts, scale=2.0)
+    logits = random_floats(rng, num_tokens, num_experts, scale=2.0)
     logits[torch.from_numpy(rng.random((num_tokens, num_experts)) < 0.2)] = -torch.inf
     logits[:, 0] = logits[:, 0].clamp(min=0.0)  # every row keeps an expert
     logits[int(rng.integers(num_tokens)), 1:] = -torch.inf

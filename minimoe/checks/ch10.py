@@ -30,21 +30,23 @@ __all__ = ["check_bytes_moved", "check_dispatch_seconds", "check_group_by_expert
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
 
 
+def send_splits_inputs(rng: np.random.Generator) -> tuple:
+    """Task 10.1's arguments: expert_idx [T, k], num_experts, world_size; in about half the cases
+    the last rank's experts get no token."""
+    world, local = int(rng.integers(2, 5)), int(rng.integers(2, 5))
+    num_experts = world * local
+    k = int(rng.integers(1, min(3, num_experts - local) + 1))
+    idle = local if rng.random() < 0.5 else 0  # the last rank gets nothing
+    return random_expert_idx(rng, int(rng.integers(10, 61)), num_experts, k, idle=idle), num_experts, world
+
 
 def check_send_splits(learner_send_splits):
     """Task 10.1: send_splits(expert_idx [T, k] int64, num_experts, world_size) -> [W] int64,
     entry r = the token copies whose expert lives on rank r (experts r*E/W .. (r+1)*E/W - 1)."""
-    def make_inputs(rng):
-        world, local = int(rng.integers(2, 5)), int(rng.integers(2, 5))
-        num_experts = world * local
-        k = int(rng.integers(1, min(3, num_experts - local) + 1))
-        idle = local if rng.random() < 0.5 else 0  # the last rank gets nothing
-        return random_expert_idx(rng, int(rng.integers(10, 61)), num_experts, k, idle=idle), num_experts, world
-
     def reference(expert_idx, num_experts, world_size):
         return split_by_rank(make_plan(expert_idx, num_experts).tokens_per_expert, world_size)
 
-    run_check("10.1", learner_send_splits, reference, make_inputs, atol=0, rtol=0)
+    run_check("10.1", learner_send_splits, reference, send_splits_inputs, atol=0, rtol=0)
 
 
 def check_group_by_expert(learner_group_by_expert):

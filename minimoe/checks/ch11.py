@@ -21,6 +21,7 @@ import torch
 
 from minimoe import kernels
 from minimoe.checks import CheckFailure, require_function, run_check
+from minimoe.checks._inputs import random_floats
 from minimoe.dispatch import DispatchPlan, make_plan, permute, unpermute
 
 __all__ = ["check_copy_rows", "check_destinations", "check_permute", "check_unpermute"]
@@ -30,10 +31,6 @@ GUARD_FILL = 7.0  # the value out's guard zones hold before and must hold after 
 
 def _device() -> str:
     return "cuda" if kernels.MODE == "compiled" else "cpu"
-
-
-def _floats(rng: np.random.Generator, *shape: int) -> torch.Tensor:
-    return torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
 
 
 def _plan(rng: np.random.Generator) -> DispatchPlan:
@@ -97,7 +94,7 @@ def check_copy_rows(learner_copy_rows):
     require_function("11.1", learner_copy_rows)
     def make_inputs(rng):
         num_in, num_out, d = int(rng.integers(3, 16)), int(rng.integers(5, 25)), int(rng.integers(1, 70))
-        return _floats(rng, num_in, d), torch.from_numpy(rng.integers(0, num_in, num_out))
+        return random_floats(rng, num_in, d), torch.from_numpy(rng.integers(0, num_in, num_out))
 
     def learner(x, src):
         return _run_guarded("11.1", learner_copy_rows, (x, src), (src.numel(), x.shape[1]), COLUMNS_HINT)
@@ -117,7 +114,7 @@ def check_permute(learner_permute):
     require_function("11.3", learner_permute)
     def make_inputs(rng):
         plan = _plan(rng)
-        return _floats(rng, plan.kept.shape[0], int(rng.integers(1, 70))), kernels.destinations(plan)
+        return random_floats(rng, plan.kept.shape[0], int(rng.integers(1, 70))), kernels.destinations(plan)
 
     def learner(x, dest):
         return _run_guarded("11.3", learner_permute, (x, dest), (int((dest >= 0).sum()), x.shape[1]),
@@ -133,7 +130,7 @@ def check_unpermute(learner_unpermute):
     def make_inputs(rng):
         plan = _plan(rng)
         weights = torch.from_numpy(rng.random(plan.kept.shape).astype(np.float32))
-        return _floats(rng, plan.order.numel(), int(rng.integers(1, 70))), kernels.destinations(plan), weights
+        return random_floats(rng, plan.order.numel(), int(rng.integers(1, 70))), kernels.destinations(plan), weights
 
     def learner(y, dest, weights):
         return _run_guarded("11.4", learner_unpermute, (y, dest, weights), (dest.shape[0], y.shape[1]),
