@@ -6,13 +6,15 @@ of an exercise compares with `# NBVAL_CHECK_OUTPUT`. On a mismatch it raises Ass
 naming the case, the output, the shapes, the largest difference and the first index that
 differs. Random inputs (several shapes and seeds) make a hard-coded answer fail.
 The chapter modules (`minimoe.checks.ch01`, ...) hold one function per task.
+`read_check` tells what a check runs without running it (`minimoe grade` compares in its own process).
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CheckFailure", "assert_close", "require_function", "run_check"]
+__all__ = ["Check", "CheckFailure", "assert_close", "case_rng", "read_check", "require_function", "run_check"]
 
 
 class CheckFailure(AssertionError):
@@ -29,7 +31,11 @@ def _as_array(value, what: str) -> np.ndarray:
 
 
 def assert_close(got, expected, what: str = "output", atol: float = 1e-6, rtol: float = 1e-5) -> None:
-    """Compare numbers, arrays or tensors, and tuples / lists / dicts of them, recursively."""
+    """Compare numbers, arrays or tensors, strings (exactly), and tuples / lists / dicts of them, recursively."""
+    if isinstance(expected, str):
+        if got != expected:
+            raise CheckFailure(f"{what}: got {got!r}, expected {expected!r}")
+        return
     if isinstance(expected, dict):
         if not isinstance(got, dict) or set(got) != set(expected):
             keys = sorted(got) if isinstance(got, dict) else type(got).__name__
@@ -66,6 +72,42 @@ def require_function(task: str, learner_fn) -> None:
         raise CheckFailure(f"task {task}: expected a function, got {type(learner_fn).__name__}")
 
 
+def case_rng(case: int) -> np.random.Generator:
+    """The seeded generator of a check's case number `case` (0, 1, ...)."""
+    return np.random.default_rng(1000 * case + 7)
+
+
+@dataclass(frozen=True)
+class Check:
+    """The arguments of one run_check call: what a check compares, on which inputs."""
+    task: str
+    learner_fn: Callable  # the learner's function, or the check's wrapper around it
+    reference_fn: Callable
+    make_inputs: Callable
+    cases: int
+    atol: float
+    rtol: float
+
+
+_recorded: list[Check] | None = None  # while read_check runs: run_check records here instead of running
+
+
+def read_check(check: Callable, learner_fn) -> Check:
+    """The Check that `check(learner_fn)` would run, without running it. Raises what the check
+    raises before it gets there (a CheckFailure for a non-function), and CheckFailure if the
+    check does not call run_check exactly once."""
+    global _recorded
+    _recorded = []
+    try:
+        check(learner_fn)
+        recorded = _recorded
+    finally:
+        _recorded = None
+    if len(recorded) != 1:
+        raise CheckFailure(f"{getattr(check, '__name__', check)!r} called run_check {len(recorded)} times, not once")
+    return recorded[0]
+
+
 def run_check(task: str, learner_fn: Callable, reference_fn: Callable, make_inputs: Callable,
               cases: int = 3, atol: float = 1e-6, rtol: float = 1e-5) -> None:
     """Call learner_fn and reference_fn on make_inputs(rng) for `cases` seeded rngs; print PASS.
@@ -74,9 +116,11 @@ def run_check(task: str, learner_fn: Callable, reference_fn: Callable, make_inpu
     so a learner's function that modifies its inputs cannot change the reference's.
     """
     require_function(task, learner_fn)
+    if _recorded is not None:
+        _recorded.append(Check(task, learner_fn, reference_fn, make_inputs, cases, atol, rtol))
+        return
     for case in range(cases):
-        rng = np.random.default_rng(1000 * case + 7)
-        args = make_inputs(rng)
+        args = make_inputs(case_rng(case))
         expected = reference_fn(*_copy(args))
         try:
             got = learner_fn(*_copy(args))
