@@ -1,8 +1,13 @@
 """What every exercise check must do, shared by the chapters' check tests: pass a right answer
-with one stable line, fail a wrong one naming the task, call a stub not implemented, and refuse
-something that is not a function."""
+with one stable line (also when it is computed by another numeric path), fail a wrong one naming
+the task, call a stub not implemented, and refuse something that is not a function."""
 
+import copy
+import functools
+
+import numpy as np
 import pytest
+import torch
 
 from minimoe.checks import CheckFailure
 
@@ -11,6 +16,52 @@ def stub(task):
     def not_done(*args):
         raise NotImplementedError(f"task {task}")
     return not_done
+
+
+def _to_float64(value):
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.double()
+    if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+        return value.astype(np.float64)
+    if isinstance(value, torch.nn.Module):
+        return copy.deepcopy(value).double()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_float64(v) for v in value)
+    if isinstance(value, dict):
+        return {key: _to_float64(v) for key, v in value.items()}
+    return value
+
+
+def _to_float32(value):
+    if isinstance(value, torch.Tensor) and value.dtype == torch.float64:
+        return value.float()
+    if isinstance(value, np.ndarray) and value.dtype == np.float64:
+        return value.astype(np.float32)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_float32(v) for v in value)
+    if isinstance(value, dict):
+        return {key: _to_float32(v) for key, v in value.items()}
+    return value
+
+
+def in_float64(answer):
+    """The same correct answer on another numeric path: float32 inputs (tensors, arrays, modules)
+    are computed on in float64 and the results rounded back to float32. Its sums differ from the
+    float32 reference's as much as another CPU's vector width or thread count could make them, and
+    more; a check must still pass it."""
+    @functools.wraps(answer)
+    def float64_answer(*args):
+        float32 = any(isinstance(a, torch.Tensor) and a.dtype == torch.float32
+                      or isinstance(a, np.ndarray) and a.dtype == np.float32
+                      or isinstance(a, torch.nn.Module) and any(p.dtype == torch.float32 for p in a.parameters())
+                      for a in args)
+        wide = _to_float64(args)
+        result = answer(*wide)
+        for original, copy64 in zip(args, wide, strict=True):  # an answer may fill an output argument
+            if isinstance(original, torch.Tensor) and original.is_floating_point() and not original.requires_grad:
+                original.copy_(copy64)
+        return _to_float32(result) if float32 else result
+    return float64_answer
 
 
 def assert_passes(check, task, answer, capsys):
@@ -32,11 +83,12 @@ def assert_stub_not_implemented(check, task):
 def contract_tests(cases):
     """The four contract tests for a chapter's CASES = [(check, task, [correct answers], [wrong
     answers])], to assign to test_* names in the chapter's test module."""
-    correct = [(c[0], c[1], a) for c in cases for a in c[2]]
+    correct = [(c[0], c[1], path(a)) for c in cases for a in c[2] for path in (lambda a: a, in_float64)]
     wrong = [(c[0], c[1], w) for c in cases for w in c[3]]
 
     @pytest.mark.parametrize("check, task, correct", correct,
-                             ids=[f"{c[1]}-correct{i}" for c in cases for i in range(len(c[2]))])
+                             ids=[f"{c[1]}-correct{i}{path}" for c in cases for i in range(len(c[2]))
+                                  for path in ("", "-float64")])
     def passes_correct_answers(check, task, correct, capsys):
         assert_passes(check, task, correct, capsys)
 

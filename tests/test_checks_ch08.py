@@ -108,7 +108,7 @@ def switch_gate_one_hot(x, router_weight):
     expert_idx = probs.argmax(1)
     weights = probs.gather(1, expert_idx[:, None]).squeeze(1)
     E = probs.shape[1]
-    f = F.one_hot(expert_idx, E).float().mean(0)
+    f = F.one_hot(expert_idx, E).to(probs.dtype).mean(0)
     top = logits.max(1, keepdim=True).values
     lse = top.squeeze(1) + (logits - top).exp().sum(1).log()
     return expert_idx, weights, E * torch.dot(f, probs.mean(0)), (lse**2).mean()

@@ -89,6 +89,7 @@ def check_unpermute(learner_unpermute):
 def _layer_with(router_weight, w_gate, w_up, w_down, k) -> MoELayer:
     num_experts, d_model, d_hidden = w_up.shape
     layer = MoELayer(d_model, d_hidden, num_experts, k, router=TopKRouter(d_model, num_experts, k))
+    layer.to(router_weight.dtype)
     with torch.no_grad():
         layer.router.proj.weight.copy_(router_weight)
         layer.experts.w_gate.copy_(w_gate)
