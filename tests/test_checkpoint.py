@@ -1,0 +1,32 @@
+"""The models shipped in course/checkpoints/ load into today's code and still compute what they
+computed when tools/make_checkpoint.py made them: a change to the model's parameters, names or
+forward pass that breaks chapter 09's model fails here."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from minimoe.data import load_corpus
+from minimoe.model import MoETransformer, MoETransformerConfig
+from minimoe.train import evaluate
+
+CHECKPOINTS = sorted((Path(__file__).resolve().parents[1] / "course" / "checkpoints").glob("*.pt"))
+
+
+def test_chapter_09_checkpoints_are_shipped():
+    assert [path.name for path in CHECKPOINTS] == ["ch09_moe.pt", "ch09_moe_no_arithmetic.pt"]
+
+
+@pytest.mark.parametrize("path", CHECKPOINTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_checkpoint_reproduces_its_recorded_validation_loss(path, dtype):
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["made_with"]["command"].startswith("python tools/make_checkpoint.py")
+    model = MoETransformer(MoETransformerConfig(**checkpoint["config"]))
+    model.load_state_dict(checkpoint["state_dict"])  # strict: every name and shape must match
+    corpus = load_corpus(domains=checkpoint["domains"])
+    loss = evaluate(model.to(dtype).eval(), corpus)
+    # recorded in float32 on the machine that trained it; evaluation differs by round-off only
+    assert loss == pytest.approx(checkpoint["val_loss"], abs=1e-4)
+    assert 2.0 < loss < 3.0  # trained (an untrained model gives ln 96 = 4.56) but not memorised
