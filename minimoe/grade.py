@@ -1,27 +1,47 @@
-"""Grade learners' exercise notebooks, trusting nothing they saved.
+"""Grade learners' exercise notebooks, trusting nothing that the student's notebook or kernel says.
 
 For each student notebook: find its reference in solutions/ (by file name, else by the
-`minimoe.exercise` metadata that tools/make_exercises.py writes); on a copy in a temporary
-folder, put back every locked check cell (cells tagged `task-N.M`: source, outputs and
-execution count) from the reference, keeping the student's other cells; run nbval on the copy
-(--nbval-lax, current environment, a per-cell timeout, the sanitiser); a task passes when all
-of its check cells run and print the reference output. The student's file is only read.
+`minimoe.exercise` metadata that tools/make_exercises.py writes); put back every locked check
+cell (cells tagged `task-N.M`) from the reference, keeping the student's other cells; scan the
+code for answers that use minimoe's own implementation of their task (minimoe.grading.scan);
+then run the code cells in order in a fresh kernel (minimoe.grading.kernel: a temporary working
+folder, optionally a bubblewrap sandbox, a timeout per cell). Right before each check cell, the
+grader generates the task's seeded inputs in its own process and hands them to the kernel, where
+the learner's function runs on them with minimoe's implementations of the task guarded
+(minimoe.grading.harness); its outputs come back as data and are compared with the reference's,
+computed here, by minimoe.checks.run_check. A task passes when that comparison passes, its check
+cell replies "ok" (whatever it printed), and neither the scan nor the guard found minimoe's
+implementation of the task in use (with --package-use warn, those are warnings instead). The
+student's file is only read, and the reference notebooks are shown to no kernel.
 """
 
 import argparse
+import ast
+import contextlib
 import csv
+import importlib
+import io
 import json
+import pickle
 import re
-import subprocess
 import sys
 import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from minimoe.checks import Check, CheckFailure, case_rng, read_check, run_check
+from minimoe.grading import harness
+from minimoe.grading.implementations import IMPLEMENTATIONS, resolve
+from minimoe.grading.kernel import Kernel, KernelError, sandbox_available, sandbox_folders
+from minimoe.grading.scan import Cell, scan
+
 TASK_TAG = re.compile(r"^task-(\d+\.\d+)$")
-SANITIZER = Path(__file__).with_name("nbval_sanitize.cfg")
-ANSI = re.compile(r"(?:\x1b|#x1B)\[[0-9;]*m")  # junit XML escapes ESC as "#x1B"
+SOLUTION_TAG = re.compile(r"^solution-(\d+\.\d+)$")
+HARNESS = "__minimoe_grader__"  # the harness module's name in the kernel's namespace
+HARNESS_SETUP = (f"import types as _types\n{HARNESS} = _types.ModuleType({HARNESS!r})\n"
+                 f"exec(compile({Path(harness.__file__).read_text()!r}, {harness.__file__!r}, 'exec'), "
+                 f"{HARNESS}.__dict__)\ndel _types\n")
 
 
 @dataclass
@@ -33,7 +53,26 @@ class TaskResult:
 
 
 class UsageError(Exception):
-    """Bad command-line input: missing files, no reference to grade against."""
+    """Bad command-line input: missing files, no reference to grade against, a reference whose
+    check cells the grader cannot read."""
+
+
+@dataclass(frozen=True)
+class TaskCheck:
+    """A task's locked check, `from minimoe.checks import chNN; chNN.check_x(learner)` in the
+    reference, and what it compares (read in this process)."""
+    task: str
+    module: str
+    function: str
+    learner: str
+    check: Check
+
+
+@dataclass(frozen=True)
+class Options:
+    timeout: float
+    sandbox: bool = False
+    package_use: str = "fail"  # or "warn"
 
 
 def _task(cell: dict) -> str | None:
@@ -45,6 +84,11 @@ def _task(cell: dict) -> str | None:
 
 def _task_order(notebook: dict) -> list[str]:
     return list(dict.fromkeys(t for cell in notebook["cells"] if (t := _task(cell))))
+
+
+def _source(cell: dict) -> str:
+    source = cell.get("source", "")
+    return "".join(source) if isinstance(source, list) else str(source)
 
 
 def find_reference(student: Path, student_nb: dict | None, reference_dir: Path) -> Path:
@@ -60,7 +104,7 @@ def find_reference(student: Path, student_nb: dict | None, reference_dir: Path) 
 
 def restore_checks(student_nb: dict, reference_nb: dict) -> tuple[dict, dict[str, list[int]]]:
     """The student's notebook with every locked check cell put back from the reference, and
-    task -> code-cell numbers (nbval's 'Cell N') of its check cells in the copy."""
+    task -> code-cell numbers (0-based) of its check cells in the copy."""
     reference_cells = {}
     for cell in reference_nb["cells"]:
         if (task := _task(cell)) is not None:
@@ -76,54 +120,111 @@ def restore_checks(student_nb: dict, reference_nb: dict) -> tuple[dict, dict[str
             cells_of_task[task].append(code_number)
         if cell.get("cell_type") == "code":
             code_number += 1
-    graded.setdefault("metadata", {})["kernelspec"] = reference_nb.get("metadata", {}).get("kernelspec", {})
     return graded, cells_of_task
 
 
-def _reason(failure: ET.Element) -> str:
-    """One line on why nbval failed a cell: the exception, a timeout or an output mismatch."""
-    text = ANSI.sub("", (failure.get("message") or "") + "\n" + (failure.text or ""))
-    if "Timeout" in text:
-        return next(line.strip() for line in text.splitlines() if "Timeout" in line)
-    exceptions = re.findall(r"^(\w*(?:Error|Exception|Failure|Interrupt)\b.*)$", text, re.M)
-    if exceptions:
-        return exceptions[-1].strip()[:300]
-    if "mismatch" in text.lower() or "outputs" in text.lower():
-        return "the check printed something other than the reference output"
-    return text.strip().splitlines()[0][:300] if text.strip() else "failed"
+def _probe(*args):
+    raise AssertionError("the grader's probe is never called")
 
 
-def run_nbval(notebook: Path, timeout: float, num_code_cells: int) -> tuple[dict[int, str | None], str]:
-    """Run nbval on `notebook`: ({code cell number: None if passed else reason}, problem or '')."""
-    report = notebook.with_suffix(".xml")
-    ini = notebook.parent / "pytest.ini"
-    ini.write_text("[pytest]\n")
-    command = [sys.executable, "-m", "pytest", str(notebook), "-c", str(ini), "--rootdir", str(notebook.parent),
-               "--nbval-lax", "--nbval-current-env", f"--nbval-cell-timeout={timeout}",
-               "--nbval-sanitize-with", str(SANITIZER), "-p", "no:cacheprovider", "-q",
-               f"--junitxml={report}"]
-    overall = timeout * (num_code_cells + 2) + 120
+def read_task_checks(reference_nb: dict, reference: Path) -> dict[str, TaskCheck]:
+    """task -> TaskCheck for each locked check cell of the reference; UsageError for one that
+    does not call a check of minimoe.checks on the learner's function by name."""
+    checks = {}
+    for cell in reference_nb["cells"]:
+        task = _task(cell)
+        if task is None or task in checks:
+            continue
+        modules, call = {}, None
+        for node in ast.walk(ast.parse(_source(cell))):
+            if isinstance(node, ast.ImportFrom) and node.module == "minimoe.checks":
+                modules.update({a.asname or a.name: f"minimoe.checks.{a.name}" for a in node.names})
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and isinstance(node.func.value, ast.Name) and len(node.args) == 1
+                  and isinstance(node.args[0], ast.Name)):
+                call = node
+        if call is None or call.func.value.id not in modules:
+            raise UsageError(f"{reference}: the check cell of task {task} must call a check of minimoe.checks "
+                             "on the learner's function, as in `ch01.check_softmax_gate(softmax_gate)`")
+        module, function, learner = modules[call.func.value.id], call.func.attr, call.args[0].id
+        check = read_check(getattr(importlib.import_module(module), function), _probe)
+        if check.task != task:
+            raise UsageError(f"{reference}: the check cell of task {task} calls {module}.{function}, "
+                             f"which checks task {check.task}")
+        checks[task] = TaskCheck(task, module, function, learner, check)
+    return checks
+
+
+def scan_cells(code_cells: list[dict], reference_nb: dict, checks: dict[str, TaskCheck]) -> dict[str, list[str]]:
+    """The static findings per task; cells that copy a lesson cell of the reference are the
+    course's, the restored check cells too."""
+    lessons = {_source(c) for c in reference_nb["cells"] if c.get("cell_type") == "code"
+               and not any(TASK_TAG.match(t) or SOLUTION_TAG.match(t) for t in c.get("metadata", {}).get("tags", []))}
+    cells = [Cell(_source(c), _task(c) is not None or _source(c) in lessons, _task(c)) for c in code_cells]
+    implementations = {task: [resolve(path) for path in IMPLEMENTATIONS.get(task, ())] for task in checks}
+    return scan(cells, {task: c.learner for task, c in checks.items()}, implementations)
+
+
+def compare_in_kernel(kernel: Kernel, task_check: TaskCheck, number: int, options: Options) -> tuple[list, list]:
+    """(failures, warnings) of the learner's function on the grader's inputs for one check cell."""
+    check, exchange = task_check.check, kernel.exchange
+    inputs = [check.make_inputs(case_rng(case)) for case in range(check.cases)]
+    inputs_path, result_path = exchange / f"inputs-{number}.pkl", exchange / f"result-{number}.npz"
+    inputs_path.write_bytes(pickle.dumps(inputs))
+    arguments = [task_check.task, task_check.learner, task_check.module, task_check.function,
+                 list(IMPLEMENTATIONS.get(task_check.task, ())), options.package_use == "fail", str(inputs_path),
+                 str(result_path)]
+    reply = kernel.execute(f"{HARNESS}.run_task(globals(), {', '.join(map(repr, arguments))})", options.timeout,
+                           silent=True)
+    if not reply.ok:
+        return [f"{reply.error} (calling {task_check.learner} on the grader's inputs)"], []
     try:
-        subprocess.run(command, cwd=notebook.parent, capture_output=True, text=True, timeout=overall)
-        problem = ""
-    except subprocess.TimeoutExpired:
-        problem = f"grading stopped after {overall:.0f} s"
-    results: dict[int, str | None] = {}
-    if report.exists():
-        for case in ET.parse(report).iter("testcase"):
-            match = re.search(r"Cell (\d+)$", case.get("name", ""))
-            if match is None:
-                continue
-            failure = case.find("failure")
-            if failure is None:
-                failure = case.find("error")
-            skipped = case.find("skipped") is not None
-            results[int(match.group(1))] = _reason(failure) if failure is not None else (
-                "skipped" if skipped else None)
-    return results, problem
+        result = harness.read_result(result_path)
+    except ValueError as error:
+        return [f"no outputs of {task_check.learner} came back from the kernel: {error}"], []
+    used = [f"uses minimoe's implementation of the task: {task_check.learner} called {name}"
+            for name in dict.fromkeys(result["called"])]
+    if used and options.package_use == "fail":
+        return used, []
+    if result["error"] is not None:
+        return [result["error"]], used
+    if len(result["outputs"]) != check.cases:
+        return [f"{len(result['outputs'])} outputs came back from the kernel for {check.cases} cases"], used
+    sent, got = iter(inputs), iter(result["outputs"])
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            run_check(check.task, lambda *args: next(got), check.reference_fn, lambda rng: next(sent), check.cases,
+                      check.atol, check.rtol)
+    except CheckFailure as failure:
+        return [f"CheckFailure: {failure}"], used
+    return [], used
 
 
-def grade_notebook(student: Path, reference_dir: Path, timeout: float) -> list[TaskResult]:
+def run_notebook(code_cells: list[dict], checks: dict[str, TaskCheck], options: Options) -> dict[str, tuple]:
+    """Run the cells in order in a fresh kernel, each check cell after the grader's own
+    comparison; task -> (failures, warnings)."""
+    outcome = {task: ([], []) for task in checks}
+    with tempfile.TemporaryDirectory(prefix="minimoe-grade-") as folder:
+        try:
+            with Kernel(Path(folder), sandbox=options.sandbox) as kernel:
+                setup = kernel.execute(HARNESS_SETUP, options.timeout, silent=True)
+                for number, cell in enumerate(code_cells):
+                    task = _task(cell)
+                    if task in checks:
+                        failures, warnings = (compare_in_kernel(kernel, checks[task], number, options) if setup.ok
+                                              else ([f"the grader could not start in the kernel: {setup.error}"], []))
+                        outcome[task][0].extend(failures)
+                        outcome[task][1].extend(warnings)
+                    reply = kernel.execute(_source(cell), options.timeout)
+                    if task in checks and not reply.ok:
+                        outcome[task][0].append(f"{reply.error} (in the check cell)")
+        except KernelError as error:
+            for failures, _ in outcome.values():
+                failures.append(str(error))
+    return outcome
+
+
+def grade_notebook(student: Path, reference_dir: Path, options: Options) -> list[TaskResult]:
     """Grade one student notebook (read only) against its reference."""
     name = student.name
     try:
@@ -133,23 +234,26 @@ def grade_notebook(student: Path, reference_dir: Path, timeout: float) -> list[T
     except (ValueError, UnicodeDecodeError) as error:
         reference = json.loads(find_reference(student, None, reference_dir).read_text())
         return [TaskResult(name, t, False, f"not a valid notebook: {error}"[:200]) for t in _task_order(reference)]
-    reference = json.loads(find_reference(student, student_nb, reference_dir).read_text())
+    reference_path = find_reference(student, student_nb, reference_dir)
+    reference = json.loads(reference_path.read_text())
+    checks = read_task_checks(reference, reference_path)
     graded, cells_of_task = restore_checks(student_nb, reference)
-    num_code_cells = sum(cell.get("cell_type") == "code" for cell in graded["cells"])
-    with tempfile.TemporaryDirectory(prefix="minimoe-grade-") as folder:
-        copy = Path(folder) / "graded.ipynb"
-        copy.write_text(json.dumps(graded))
-        results, problem = run_nbval(copy, timeout, num_code_cells)
-    graded_tasks = []
+    code_cells = [cell for cell in graded["cells"] if cell.get("cell_type") == "code"]
+    findings = scan_cells(code_cells, reference, checks)
+    outcome = run_notebook(code_cells, checks, options)
+    results = []
     for task in _task_order(reference):
-        cells = cells_of_task[task]
-        if not cells:
-            graded_tasks.append(TaskResult(name, task, False, f"the locked check cell of task {task} was deleted"))
+        if not cells_of_task[task]:
+            results.append(TaskResult(name, task, False, f"the locked check cell of task {task} was deleted"))
             continue
-        outcome = [results.get(c, problem or "not run: the kernel died or nbval stopped early") for c in cells]
-        failures = [reason for reason in outcome if reason is not None]
-        graded_tasks.append(TaskResult(name, task, not failures, failures[0] if failures else ""))
-    return graded_tasks
+        failures, warnings = outcome[task]
+        if options.package_use == "fail":
+            failures = findings[task] + failures
+        else:
+            warnings = findings[task] + warnings
+        detail = "; ".join(failures[:1] + [f"warning: {w}" for w in dict.fromkeys(warnings)])
+        results.append(TaskResult(name, task, not failures, detail))
+    return results
 
 
 def write_csv(results: list[TaskResult], path: Path) -> None:
@@ -189,6 +293,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--csv", type=Path, help="write notebook,task,passed,detail rows here")
     parser.add_argument("--junit-xml", type=Path, help="write a JUnit XML report here")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per cell (default 60)")
+    parser.add_argument("--sandbox", action="store_true",
+                        help="run each student's kernel in a bubblewrap sandbox (needs `bwrap`) that sees neither "
+                             "the repository nor the reference nor the students' notebooks, without network")
+    parser.add_argument("--package-use", choices=("fail", "warn"), default="fail",
+                        help="an answer that uses minimoe's own implementation of its task: fail the task "
+                             "(default), or only warn")
+
+
+def _check_sandbox(reference: Path) -> None:
+    if not sandbox_available():
+        raise UsageError("--sandbox needs bubblewrap (`bwrap`), which is not installed (Debian: apt-get install "
+                         "bubblewrap)")
+    visible = [f for f in sandbox_folders() if reference.resolve().is_relative_to(Path(f).resolve())]
+    if visible:
+        raise UsageError(f"--sandbox cannot hide --reference {reference}: it is inside {visible[0]}, which the "
+                         "sandbox shows; move the reference notebooks elsewhere")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -201,7 +321,10 @@ def run(args: argparse.Namespace) -> int:
         missing = [str(p) for p in args.notebooks if not p.is_file()]
         if missing:
             raise UsageError(f"no such notebook: {', '.join(missing)}")
-        results = [r for path in args.notebooks for r in grade_notebook(path, args.reference, args.timeout)]
+        if args.sandbox:
+            _check_sandbox(args.reference)
+        options = Options(args.timeout, args.sandbox, args.package_use)
+        results = [r for path in args.notebooks for r in grade_notebook(path, args.reference, options)]
     except UsageError as error:
         print(f"minimoe grade: {error}", file=sys.stderr)
         return 2
