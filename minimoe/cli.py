@@ -3,7 +3,7 @@
   minimoe doctor                 the environment the course will run in
   minimoe grade STUDENT.ipynb    grade exercise notebooks against solutions/ (see minimoe.grade)
   minimoe train [OPTIONS]        train the chapter-07 model; `minimoe train --help` lists the
-                                 options (the same as `python -m minimoe.train`, torchrun-able)
+                                 options (under torchrun: `torchrun ... -m minimoe train ...`)
 """
 
 import argparse

@@ -15,7 +15,7 @@ import torch
 
 from minimoe import _checks
 
-POLICIES = ("position", "score")
+DROP_POLICIES = ("position", "score")  # which assignments an expert over capacity keeps
 
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
@@ -33,7 +33,8 @@ class DispatchPlan:
     """Where every assignment goes.
 
     order              [S] int64 kept assignment ids (a = t * k + j), grouped by expert
-    tokens_per_expert  [E] int64 rows each expert receives (sums to S)
+    tokens_per_expert  [E] int64 rows each expert receives, after capacity (sums to S); what the
+                       router sent, before capacity, is `MoEStats.load`
     kept               [T, k] bool, False for assignments dropped by capacity or empty slots
     capacity           int or None (dropless)
     """
@@ -66,7 +67,7 @@ def make_plan(expert_idx: torch.Tensor, num_experts: int, capacity: int | None =
     _checks.expert_ids("expert_idx", expert_idx, num_experts)
     if capacity is not None:
         capacity = _checks.positive_int("capacity", capacity, minimum=0)
-    _checks.choice("policy", policy, POLICIES)
+    _checks.choice("policy", policy, DROP_POLICIES)
     if policy == "score":
         if weights is None:
             raise ValueError("policy='score' needs weights [T, k], got weights=None")
@@ -76,6 +77,14 @@ def make_plan(expert_idx: torch.Tensor, num_experts: int, capacity: int | None =
         _checks.same_shape("mask", mask, expert_idx.shape, "expert_idx")
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor, got dtype {mask.dtype}")
+    return _make_plan(expert_idx, num_experts, capacity, policy, weights, mask)
+
+
+def _make_plan(expert_idx: torch.Tensor, num_experts: int, capacity: int | None, policy: str,
+               weights: torch.Tensor | None, mask: torch.Tensor | None) -> DispatchPlan:
+    """make_plan on checked arguments (what MoELayer.forward calls). No check here; the host
+    syncs are the data-dependent shapes: `nonzero` (S, the kept assignments), with a capacity
+    the boolean selections, and on CUDA `bincount` (it reads the largest id)."""
     T, k = expert_idx.shape
     flat_expert = expert_idx.reshape(-1).long()
     in_use = torch.ones_like(flat_expert, dtype=torch.bool) if mask is None else mask.reshape(-1)

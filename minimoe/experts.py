@@ -25,15 +25,17 @@ def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
             and w.dtype == x.dtype and aligned)
 
 
-def _matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+def _matmul(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor | None) -> torch.Tensor:
     """x [S, a] @ w: w [a, b] for a dense FFN, or w [E, a, b] applied to consecutive row blocks
-    of sizes counts [E]."""
-    if counts is None:
+    of sizes tokens_per_expert [E]."""
+    if tokens_per_expert is None:
         return x @ w
     if _grouped_mm_supported(x, w):
-        return F.grouped_mm(x.contiguous(), w, offs=torch.cumsum(counts, 0).to(torch.int32))
-    # unbind, not w[e]: each w[e]'s backward would build a whole [E, a, b] gradient
-    return torch.cat([rows @ w_e for rows, w_e in zip(x.split(counts.tolist()), w.unbind(0), strict=True)])
+        return F.grouped_mm(x.contiguous(), w, offs=torch.cumsum(tokens_per_expert, 0).to(torch.int32))
+    # the split sizes must be Python ints (a host sync); unbind, not w[e]: each w[e]'s backward
+    # would build a whole [E, a, b] gradient
+    splits = tokens_per_expert.tolist()
+    return torch.cat([rows @ w_e for rows, w_e in zip(x.split(splits), w.unbind(0), strict=True)])
 
 
 def activate(up: torch.Tensor, gate: torch.Tensor | None, activation: str) -> torch.Tensor:
@@ -43,19 +45,19 @@ def activate(up: torch.Tensor, gate: torch.Tensor | None, activation: str) -> to
     return F.gelu(up) if activation == "gelu" else F.relu(up)
 
 
-def feed_forward(x, w_up, w_down, w_gate=None, activation="swiglu", counts=None, row_weights=None):
+def feed_forward(x, w_up, w_down, w_gate=None, activation="swiglu", tokens_per_expert=None, row_weights=None):
     """The FFN of one expert ([a, b] weights) or of E experts on sorted rows ([E, a, b] weights,
-    counts [E] rows per expert). row_weights [S] scales each row's output; being linear in
-    the hidden activation, the scaling is applied to the narrower of hidden and output.
+    tokens_per_expert [E] rows per expert). row_weights [S] scales each row's output; being
+    linear in the hidden activation, the scaling is applied to the narrower of hidden and output.
 
     swiglu: (silu(x W_gate) * x W_up) W_down    (Shazeer 2020, used by Mixtral and DeepSeek)
     gelu / relu: act(x W_up) W_down
     """
-    gate = _matmul(x, w_gate, counts) if activation == "swiglu" else None
-    hidden = activate(_matmul(x, w_up, counts), gate, activation)
+    gate = _matmul(x, w_gate, tokens_per_expert) if activation == "swiglu" else None
+    hidden = activate(_matmul(x, w_up, tokens_per_expert), gate, activation)
     if row_weights is not None and hidden.shape[1] <= x.shape[1]:
         hidden, row_weights = hidden * row_weights[:, None], None
-    out = _matmul(hidden, w_down, counts)
+    out = _matmul(hidden, w_down, tokens_per_expert)
     return out if row_weights is None else out * row_weights[:, None]
 
 
@@ -65,20 +67,16 @@ def _init_uniform(shape: tuple, fan_in: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
 
 
-class Experts(nn.Module):
-    """E independent FFNs. forward(x_sorted [S, d], tokens_per_expert [E], row_weights [S] or
-    None) -> [S, d], row i scaled by row_weights[i] when given."""
+class GroupedExperts(nn.Module):
+    """What MoELayer calls: E expert FFNs on rows sorted by expert. Subclasses hold d_model,
+    d_hidden, num_experts, activation and the weights w_gate (swiglu only), w_up [E, d, h],
+    w_down [E, h, d]: `Experts` (float), `minimoe.inference.Int8Experts`, and
+    `minimoe.parallel.ExpertParallelExperts` (this rank's E / W of them, and the all-to-alls).
 
-    def __init__(self, num_experts: int, d_model: int, d_hidden: int, activation: str = "swiglu"):
-        super().__init__()
-        self.num_experts = _checks.positive_int("num_experts", num_experts)
-        self.d_model = _checks.positive_int("d_model", d_model)
-        self.d_hidden = _checks.positive_int("d_hidden", d_hidden)
-        self.activation = _checks.choice("activation", activation, ACTIVATIONS)
-        E, d, h = num_experts, d_model, d_hidden
-        self.w_gate = _init_uniform((E, d, h), d) if activation == "swiglu" else None
-        self.w_up = _init_uniform((E, d, h), d)
-        self.w_down = _init_uniform((E, h, d), h)
+    forward(x_sorted [S, d], tokens_per_expert [E], row_weights [S] or None) -> [S, d], row i
+    scaled by row_weights[i] when given: it checks its inputs (the sum of tokens_per_expert
+    costs a host sync) and calls `_forward`, which MoELayer calls directly with its plan's counts.
+    """
 
     def forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor,
                 row_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,9 +91,30 @@ class Experts(nn.Module):
         if row_weights is not None:
             _checks.tensor("row_weights", row_weights)
             _checks.same_shape("row_weights", row_weights, x_sorted.shape[:1], "x_sorted's rows")
+        return self._forward(x_sorted, tokens_per_expert, row_weights)
+
+    def _forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor,
+                 row_weights: torch.Tensor | None) -> torch.Tensor:
+        if row_weights is not None:
             row_weights = row_weights.to(x_sorted.dtype)
         return feed_forward(x_sorted, self.w_up, self.w_down, self.w_gate, self.activation,
                             tokens_per_expert, row_weights)
+
+
+class Experts(GroupedExperts):
+    """E independent FFNs of width d_hidden, as float parameters w_gate (swiglu only), w_up
+    [E, d, h] and w_down [E, h, d]. forward: see `GroupedExperts`."""
+
+    def __init__(self, d_model: int, d_hidden: int, num_experts: int, activation: str = "swiglu"):
+        super().__init__()
+        self.d_model = _checks.positive_int("d_model", d_model)
+        self.d_hidden = _checks.positive_int("d_hidden", d_hidden)
+        self.num_experts = _checks.positive_int("num_experts", num_experts)
+        self.activation = _checks.choice("activation", activation, ACTIVATIONS)
+        E, d, h = num_experts, d_model, d_hidden
+        self.w_gate = _init_uniform((E, d, h), d) if activation == "swiglu" else None
+        self.w_up = _init_uniform((E, d, h), d)
+        self.w_down = _init_uniform((E, h, d), h)
 
 
 class FeedForward(nn.Module):

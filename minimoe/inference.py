@@ -22,9 +22,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimoe import _checks
-from minimoe.experts import Experts, activate
+from minimoe.experts import Experts, GroupedExperts, activate
 from minimoe.layer import MoELayer, moe_layers
-from minimoe.routing import ExpertChoiceRouter, NoisyTopKRouter, Router, Routing, SwitchRouter, TopKRouter
+from minimoe.routing import (
+    ExpertChoiceRouter,
+    NoisyTopKRouter,
+    Router,
+    Routing,
+    SwitchRouter,
+    TopKRouter,
+    check_available_experts,
+)
 
 # ---- changing a model's MoE layers for a while ----
 
@@ -40,6 +48,14 @@ def _override(slots: list, values: list):
     finally:
         for (obj, name), value in zip(slots, old, strict=True):
             setattr(obj, name, value)
+
+
+def _layers(model: nn.Module) -> list[MoELayer]:
+    """moe_layers(model), which must not be empty."""
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError(f"model must contain an MoELayer, got a {type(model).__name__} without one")
+    return layers
 
 
 def _per_layer(name: str, value, layers: list) -> list:
@@ -60,7 +76,7 @@ def restrict_experts(model: nn.Module, available, renormalize: bool = True):
     renormalize=False: the router still routes to the lost experts, whose slots are emptied
     (`LostExpertsRouter`): a token keeps its other experts at their old weights.
     """
-    layers = moe_layers(model)
+    layers = _layers(model)
     masks = _per_layer("available", available, layers)
     if renormalize:
         return _override([(layer, "available_experts") for layer in layers], masks)
@@ -72,7 +88,7 @@ def restrict_experts(model: nn.Module, available, renormalize: bool = True):
 def inference_capacity(model: nn.Module, capacity_factor: float | None = None):
     """Within the block, every MoE layer uses capacity_factor (None: dropless, nothing dropped)."""
     _checks.positive("capacity_factor", capacity_factor, none_means="dropless")
-    layers = moe_layers(model)
+    layers = _layers(model)
     if any(isinstance(layer.router, ExpertChoiceRouter) for layer in layers) and capacity_factor is not None:
         raise ValueError("capacity_factor must be None for a model with ExpertChoiceRouter layers, which set "
                          f"their own capacity, got {capacity_factor}")
@@ -84,7 +100,7 @@ def swap_moe_layers(model: nn.Module, new_layers: list):
     if isinstance(model, MoELayer):
         raise TypeError("model must contain MoE layers to swap, got an MoELayer itself")
     where = {id(child): (parent, name) for parent in model.modules() for name, child in parent.named_children()}
-    slots = [where[id(layer)] for layer in moe_layers(model)]
+    slots = [where[id(layer)] for layer in _layers(model)]
     new_layers = _per_layer("new_layers", list(new_layers), slots)
     for (parent, name), new in zip(slots, new_layers, strict=True):
         old = getattr(parent, name)
@@ -95,17 +111,15 @@ def swap_moe_layers(model: nn.Module, new_layers: list):
 
 @torch.no_grad()
 def record_routing(model: nn.Module, idx: torch.Tensor) -> list[tuple[torch.Tensor, Routing]]:
-    """Run model(idx) and return, per MoE layer, (its input tokens x [T, d], its Routing)."""
-    records = []
-    hooks = [layer.router.register_forward_hook(
-        lambda _m, args, routing: records.append((args[0].reshape(-1, args[0].shape[-1]), routing)))
-        for layer in moe_layers(model)]
+    """Run model(idx) and return, per MoE layer, (its input tokens x [T, d], its last_routing)."""
+    layers, inputs = _layers(model), {}
+    hooks = [layer.register_forward_pre_hook(lambda layer, args: inputs.update({layer: args[0]})) for layer in layers]
     try:
         model(idx)
     finally:
         for hook in hooks:
             hook.remove()
-    return records
+    return [(inputs[layer].reshape(-1, layer.d_model), layer.last_routing) for layer in layers]
 
 
 # ---- uncertain tokens ----
@@ -123,19 +137,24 @@ def routing_entropy(probs: torch.Tensor) -> torch.Tensor:
 
 
 class _WrappedRouter(Router):
-    """A router around another: forward routes with the inner router, then `edit`s the Routing."""
+    """A router around another: it checks and routes as the inner router does, then `edit`s
+    the Routing."""
 
     def __init__(self, router: Router):
         if not isinstance(router, Router):
             raise TypeError(f"router must be a minimoe.routing.Router, got {type(router).__name__}")
-        super().__init__(router.d_model, router.num_experts, learned=False)
+        super().__init__(router.d_model, router.num_experts, router.k, learned=False)
         self.inner = router
         self.needs_token_ids = router.needs_token_ids
-        if hasattr(router, "k"):
-            self.k = router.k
 
-    def forward(self, *args, **kwargs) -> Routing:
-        routing = self.inner(*args, **kwargs)
+    def check_token_ids(self, token_ids, x):
+        return self.inner.check_token_ids(token_ids, x)
+
+    def check_available(self, available_experts):
+        return self.inner.check_available(available_experts)
+
+    def _route(self, tokens, token_ids, available) -> Routing:
+        routing = self.inner._route(tokens, token_ids, available)
         mask = torch.ones_like(routing.expert_idx, dtype=torch.bool) if routing.mask is None else routing.mask.clone()
         return self.edit(routing, mask)
 
@@ -147,7 +166,7 @@ class LostExpertsRouter(_WrappedRouter):
 
     def __init__(self, router: Router, available: torch.Tensor):
         super().__init__(router)
-        self.available = self._available(available, 1)
+        self.available = check_available_experts(available, router.num_experts, 1)
 
     def edit(self, routing: Routing, mask: torch.Tensor) -> Routing:
         mask &= self.available.to(mask.device)[routing.expert_idx]
@@ -188,7 +207,7 @@ class FallbackRouter(_WrappedRouter):
 def fallback_routing(model: nn.Module, max_entropy, fallback: str = "top1"):
     """Within the block, every MoE layer's router is wrapped in a FallbackRouter; max_entropy is
     one threshold for all layers or a list with one per layer."""
-    layers = moe_layers(model)
+    layers = _layers(model)
     thresholds = _per_layer("max_entropy", max_entropy, layers)
     return _override([(layer, "router") for layer in layers],
                      [FallbackRouter(layer.router, t, fallback) for layer, t in zip(layers, thresholds, strict=True)])
@@ -224,10 +243,10 @@ def _map_experts(layer: MoELayer, num_experts: int, fn) -> MoELayer:
         raise TypeError(f"layer must be an MoELayer with float Experts, got {type(layer).__name__}")
     router = _resized_router(layer.router, num_experts)
     router.load_state_dict({name: fn(t) if name in PER_EXPERT else t for name, t in layer.router.state_dict().items()})
-    shared = 0 if layer.shared is None else layer.shared.d_hidden // layer.experts.d_hidden
-    new = MoELayer(layer.d_model, layer.experts.d_hidden, num_experts, layer.k, router=router,
-                   capacity_factor=layer.capacity_factor, drop_policy=layer.drop_policy, num_shared_experts=shared,
-                   activation=layer.experts.activation, backend=layer.backend)
+    new = MoELayer(layer.d_model, layer.experts.d_hidden, num_experts, router=router,
+                   capacity_factor=layer.capacity_factor, drop_policy=layer.drop_policy,
+                   num_shared_experts=layer.num_shared_experts, activation=layer.experts.activation,
+                   backend=layer.backend)
     new.experts.load_state_dict({name: fn(t) for name, t in layer.experts.state_dict().items()})
     if layer.shared is not None:
         new.shared.load_state_dict(layer.shared.state_dict())
@@ -258,8 +277,8 @@ def prune_experts(layer: MoELayer, keep) -> MoELayer:
     computes with available_experts = the kept experts (with a capacity factor it differs: the
     capacity ceil(k T cf / E) depends on E)."""
     keep = _expert_list("keep", keep, layer.num_experts)
-    if len(keep) < layer.k:
-        raise ValueError(f"keep must list at least k={layer.k} experts, got {len(keep)}")
+    if len(keep) < (layer.k or 1):
+        raise ValueError(f"keep must list at least k={layer.k or 1} experts, got {len(keep)}")
     index = torch.tensor(keep)
     return _map_experts(layer, len(keep), lambda t: t[index.to(t.device)])
 
@@ -307,8 +326,8 @@ def merge_experts(layer: MoELayer, i: int, j: int, x: torch.Tensor | None = None
     Given calibration tokens x [T, d], j's hidden units are first permuted to line up with i's
     (`align_hidden_units`, as in MC-SMoE, Li et al. 2024); without x they are averaged as stored."""
     i, j = _expert_list("(i, j)", [i, j], layer.num_experts)
-    if layer.num_experts - 1 < layer.k:
-        raise ValueError(f"layer must keep at least k={layer.k} experts after a merge, has {layer.num_experts}")
+    if layer.num_experts - 1 < (layer.k or 1):
+        raise ValueError(f"layer must keep at least k={layer.k or 1} experts after a merge, has {layer.num_experts}")
     if x is not None:
         perm = align_hidden_units(layer.experts, i, j, x)
         layer = _map_experts(layer, layer.num_experts, lambda t: t)  # a copy to permute
@@ -358,7 +377,7 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.to(scale.dtype) * scale
 
 
-class Int8Experts(nn.Module):
+class Int8Experts(GroupedExperts):
     """Weight-only int8 experts built from float `Experts`: each weight [E, a, b] is kept as an
     int8 buffer `<name>_q` and a float scale `<name>_scale` [E, 1, b] (`quantize_int8`). The
     properties w_gate, w_up, w_down dequantise; forward runs the float FFN on them, so it is
@@ -383,8 +402,6 @@ class Int8Experts(nn.Module):
     w_gate = property(lambda self: self._weight("w_gate"))
     w_up = property(lambda self: self._weight("w_up"))
     w_down = property(lambda self: self._weight("w_down"))
-
-    forward = Experts.forward  # the same checks and computation, on the dequantised weights
 
 
 def quantize_experts(layer: MoELayer) -> MoELayer:
@@ -431,7 +448,7 @@ def int8_error_bound(x: torch.Tensor, experts: Experts, e: int) -> torch.Tensor:
 
 # ---- expert cache ----
 
-POLICIES = ("lru", "belady", "static")
+CACHE_POLICIES = ("lru", "belady", "static")
 
 
 @dataclass
@@ -463,7 +480,7 @@ def simulate_cache(trace, cache_size: int, policy: str = "lru") -> CacheStats:
     if trace.dtype.is_floating_point or trace.dtype == torch.bool or (trace.numel() and trace.min() < 0):
         raise ValueError(f"trace must hold non-negative integer expert ids, got dtype {trace.dtype}")
     cache_size = _checks.positive_int("cache_size", cache_size)
-    _checks.choice("policy", policy, POLICIES)
+    _checks.choice("policy", policy, CACHE_POLICIES)
     requests = trace.reshape(-1).tolist()
     if policy == "static":
         counts = torch.bincount(trace.reshape(-1).long())

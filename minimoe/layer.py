@@ -1,17 +1,23 @@
-"""The MoE layer: route, dispatch, run the experts, combine; plus shared experts and the
-router losses and statistics of the last call."""
-
-from dataclasses import dataclass
+"""The MoE layer: route, plan, permute, run the experts, unpermute; plus shared experts, and the
+router losses, the routing and its statistics of the last call."""
 
 import torch
 from torch import nn
 
 from minimoe import _checks
-from minimoe.dispatch import POLICIES, expert_capacity, make_plan, permute, sorted_weights, unpermute
-from minimoe.experts import Experts, FeedForward
-from minimoe.losses import load_balancing_loss, router_z_loss
-from minimoe.metrics import load_entropy
-from minimoe.routing import ExpertChoiceRouter, Router, SwitchRouter, TopKRouter
+from minimoe.dispatch import (
+    DROP_POLICIES,
+    DispatchPlan,
+    _make_plan,
+    expert_capacity,
+    permute,
+    sorted_weights,
+    unpermute,
+)
+from minimoe.experts import Experts, FeedForward, GroupedExperts
+from minimoe.losses import _load_balancing_loss, router_z_loss
+from minimoe.metrics import MoEStats, routing_stats
+from minimoe.routing import ExpertChoiceRouter, Router, Routing, make_router
 
 BACKENDS = ("torch", "triton")
 
@@ -25,46 +31,15 @@ def _dispatch_functions(backend: str):
     return permute, unpermute
 
 
-def route_and_plan(layer, x: torch.Tensor, token_ids: torch.Tensor | None = None):
-    """The first half of an MoE forward, shared by MoELayer and the expert-parallel layer:
-    x [..., d] -> (tokens [T, d], Routing, DispatchPlan) with the layer's router,
-    available_experts, capacity_factor and drop_policy."""
-    _checks.tensor("x", x)
-    if x.dim() == 0 or x.shape[-1] != layer.d_model:
-        raise ValueError(f"x must have last dimension d_model={layer.d_model}, got shape {tuple(x.shape)}")
-    tokens = x.reshape(-1, layer.d_model)
-    routing = layer.router.route(x, token_ids, layer.available_experts)
-    capacity = None
-    if layer.capacity_factor is not None:
-        capacity = expert_capacity(tokens.shape[0], layer.num_experts, layer.k, layer.capacity_factor)
-    plan = make_plan(routing.expert_idx, layer.num_experts, capacity, layer.drop_policy,
-                     routing.weights, routing.mask)
-    return tokens, routing, plan
-
-
-@dataclass
-class MoEStats:
-    """Detached routing statistics of one forward call.
-
-    tokens_per_expert  [E] assignments the router sent to each expert, before capacity
-    load               [E] the same as fractions (sums to 1)
-    dropped_fraction   share of assignments dropped by capacity (0 when dropless)
-    load_entropy       entropy of `load` / log E: 1 = perfectly even, 0 = one expert takes all
-    """
-
-    tokens_per_expert: torch.Tensor
-    load: torch.Tensor
-    dropped_fraction: float
-    load_entropy: float
-
-
 class MoELayer(nn.Module):
     """A sparse FFN. forward(x [..., d_model], token_ids=None) -> same shape as x.
 
-    router: any `minimoe.routing.Router`; default TopKRouter(d_model, num_experts, k), and for
-        k=1 SwitchRouter (the raw probability as weight: renormalising one weight makes it 1 and
-        leaves the router no gradient from the output). A router that routes on token ids
-        (HashRouter) needs token_ids [...] (x's leading shape); the others must get None.
+    k: experts per token of the default router, TopKRouter(d_model, num_experts, k) (k=2 when
+        None), or SwitchRouter for k=1 (the raw probability as weight: renormalising one weight
+        makes it 1 and leaves the router no gradient from the output). k lives on the router
+        (`layer.k` reads `router.k`): with a router, leave k out or give the router's.
+    router: any `minimoe.routing.Router`. A router that routes on token ids (HashRouter) needs
+        token_ids [...] (x's leading shape); the others must get None.
     capacity_factor: None is dropless; otherwise each expert takes at most
         ceil(k * T * capacity_factor / E) assignments, chosen by drop_policy ("position" or
         "score"); a dropped assignment adds nothing (the residual stream carries the token).
@@ -72,89 +47,118 @@ class MoELayer(nn.Module):
         FFN of width num_shared_experts * d_hidden, which computes exactly their sum.
     backend: "torch" permutes with index_select / index_add; "triton" with the kernels of
         `minimoe.kernels` (compiled on a GPU, interpreted and slow on CPU), same results.
+    available_experts: None (all experts usable) or a bool [E] tensor, checked when set (e.g. at
+        inference, when experts fail or are offloaded); the router never selects a False expert
+        and renormalises the weights over the rest (a HashRouter refuses a mask with any False).
+
     After each call: `aux_loss` (Switch load balancing) and `z_loss` (router z-loss) are
-    differentiable scalars; `stats` is a detached `MoEStats`. The layer never updates the
-    router's balancing bias itself: call `layer.router.update_bias(layer.stats.tokens_per_expert)`
-    once per training step for aux-loss-free balancing.
-    available_experts: None (all experts usable) or a bool [E] tensor, set as an attribute
-        (e.g. at inference, when experts fail or are offloaded); every call passes it to the
-        router, which never selects a False expert and renormalises the weights over the rest
-        (`minimoe.routing`; a HashRouter refuses a mask that excludes any expert).
+    differentiable scalars; `last_routing` (the `Routing`, detached) and `last_plan` (the
+    `DispatchPlan`) are the decision; `stats` is its `MoEStats`, computed when first read. The
+    layer never updates the router's balancing bias itself: call
+    `layer.router.update_bias(layer.stats.load)` once per training step for aux-loss-free balancing.
+    Expert parallelism replaces `experts` from outside (`minimoe.parallel.parallelize`).
     """
 
-    def __init__(self, d_model: int, d_hidden: int, num_experts: int, k: int = 2, *,
+    def __init__(self, d_model: int, d_hidden: int, num_experts: int, k: int | None = None, *,
                  router: Router | None = None, capacity_factor: float | None = None,
                  drop_policy: str = "position", num_shared_experts: int = 0,
                  activation: str = "swiglu", backend: str = "torch"):
         super().__init__()
         self.d_model = _checks.positive_int("d_model", d_model)
         self.num_experts = _checks.positive_int("num_experts", num_experts)
-        self.k = _checks.positive_int("k", k)
-        if k > num_experts:
-            raise ValueError(f"k must be <= num_experts={num_experts}, got k={k}")
         _checks.positive("capacity_factor", capacity_factor, none_means="dropless")
         self.capacity_factor = capacity_factor
-        self.drop_policy = _checks.choice("drop_policy", drop_policy, POLICIES)
+        self.drop_policy = _checks.choice("drop_policy", drop_policy, DROP_POLICIES)
         self.backend = _checks.choice("backend", backend, BACKENDS)
-        _checks.positive_int("num_shared_experts", num_shared_experts, minimum=0)
+        self.num_shared_experts = _checks.positive_int("num_shared_experts", num_shared_experts, minimum=0)
 
         if router is None:
-            router = SwitchRouter(d_model, num_experts) if k == 1 else TopKRouter(d_model, num_experts, k)
+            router = make_router("topk", d_model, num_experts, 2 if k is None else k)
         self.router = router
-        self._check_router()
-        self.experts = Experts(num_experts, d_model, d_hidden, activation)
+        self._check_router(k)
+        self.experts: GroupedExperts = Experts(d_model, d_hidden, num_experts, activation)
         self.shared = (FeedForward(d_model, num_shared_experts * d_hidden, activation)
                        if num_shared_experts else None)
         self.aux_loss: torch.Tensor | None = None
         self.z_loss: torch.Tensor | None = None
-        self.stats: MoEStats | None = None
-        self.available_experts: torch.Tensor | None = None
+        self.last_routing: Routing | None = None
+        self.last_plan: DispatchPlan | None = None
+        self._stats: MoEStats | None = None
+        self._available_experts: torch.Tensor | None = None
 
-    def _check_router(self) -> None:
+    def _check_router(self, k: int | None) -> None:
         router = self.router
         if not isinstance(router, Router):
             raise TypeError(f"router must be a minimoe.routing.Router, got {type(router).__name__}")
         if (router.d_model, router.num_experts) != (self.d_model, self.num_experts):
             raise ValueError(f"router must map d_model={self.d_model} to num_experts={self.num_experts}, "
                              f"got d_model={router.d_model}, num_experts={router.num_experts}")
-        if hasattr(router, "k") and router.k != self.k:
-            raise ValueError(f"k={self.k} differs from router.k={router.k}: pass the same k to both")
+        if k is not None and router.k != k:
+            raise ValueError(f"k={k} differs from router.k={router.k}: give k to the router only")
         if isinstance(router, ExpertChoiceRouter) and self.capacity_factor is not None:
             raise ValueError("capacity_factor must be None with an ExpertChoiceRouter, which sets "
                              f"its own capacity (router.capacity_factor), got {self.capacity_factor}")
 
+    @property
+    def k(self) -> int | None:
+        """Experts per token: the router's k (None for expert choice)."""
+        return self.router.k
+
+    @property
+    def available_experts(self) -> torch.Tensor | None:
+        return self._available_experts
+
+    @available_experts.setter
+    def available_experts(self, mask: torch.Tensor | None) -> None:
+        self._available_experts = self.router.check_available(mask)
+
+    @property
+    def stats(self) -> MoEStats | None:
+        """The MoEStats of the last call (None before the first), computed when first read."""
+        if self._stats is None and self.last_routing is not None:
+            self._stats = routing_stats(self.last_routing, self.last_plan)
+        return self._stats
+
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        tokens, routing, plan = route_and_plan(self, x, token_ids)
+        """x [..., d_model] (token_ids [...] for a HashRouter) -> same shape as x.
+
+        The inputs are checked here, once; the steps below trust them. What still waits for
+        the device (a host sync), each because a shape or a split size depends on the data:
+          - with a HashRouter, the range check of token_ids;
+          - expert choice: the number of slots per token;
+          - the plan: `nonzero` of the kept assignments (S rows), with a capacity the boolean
+            selections, on CUDA `bincount`; the aux loss with an expert-choice mask selects too;
+          - the experts, where torch.nn.functional.grouped_mm cannot run (dtype, widths): the
+            split sizes as Python ints;
+          - expert-parallel experts (minimoe.parallel): the split sizes of the two all-to-alls.
+        `stats` is computed on first read, not here.
+        """
+        tokens = self.router.flat_tokens(x)  # [T, d]
+        token_ids = self.router.check_token_ids(token_ids, x)
+        # the router reads a view of x of its own, as router(x) does: gradients then sum in the same order
+        routing = self.router._route(x.reshape(tokens.shape), token_ids, self._available_experts)
+        capacity = None
+        if self.capacity_factor is not None:
+            capacity = expert_capacity(tokens.shape[0], self.num_experts, self.k, self.capacity_factor)
+        plan = _make_plan(routing.expert_idx, self.num_experts, capacity, self.drop_policy,
+                          routing.weights, routing.mask)
+
         # the combine weights scale rows inside the experts, where it is cheapest
         permute_fn, unpermute_fn = _dispatch_functions(self.backend)
-        expert_out = self.experts(permute_fn(tokens, plan), plan.tokens_per_expert,
-                                  sorted_weights(routing.weights, plan))
+        expert_out = self.experts._forward(permute_fn(tokens, plan), plan.tokens_per_expert,
+                                           sorted_weights(routing.weights, plan))
         out = unpermute_fn(expert_out, plan, weights=None)
         if self.shared is not None:
             out = out + self.shared(tokens)
 
-        self.aux_loss = load_balancing_loss(routing.probs, routing.expert_idx, routing.mask)
+        self.aux_loss = _load_balancing_loss(routing.probs, routing.expert_idx, routing.mask)
         self.z_loss = router_z_loss(routing.logits)
-        self.stats = self._stats(routing.expert_idx, routing.mask, plan.order.numel())
+        self.last_routing, self.last_plan, self._stats = routing.detach(), plan, None
         return out.view_as(x)
-
-    def _stats(self, expert_idx: torch.Tensor, mask: torch.Tensor | None, num_kept: int) -> MoEStats:
-        ids = expert_idx if mask is None else expert_idx[mask]
-        routed = torch.bincount(ids.reshape(-1), minlength=self.num_experts)
-        total = int(routed.sum())
-        if total == 0:  # no tokens: nothing dropped, and no imbalance
-            even = torch.full((self.num_experts,), 1 / self.num_experts, dtype=torch.float64)
-            return MoEStats(routed, even, 0.0, 1.0)
-        return MoEStats(routed, routed.double() / total, 1.0 - num_kept / total, load_entropy(routed))
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
-    """The MoELayers of model in module order (the model itself if it is one)."""
-    if isinstance(model, MoELayer):
-        return [model]
+    """The MoELayers of model in module order (the model itself if it is one); [] if none."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    layers = [module for module in model.modules() if isinstance(module, MoELayer)]
-    if not layers:
-        raise ValueError(f"model must contain an MoELayer, got a {type(model).__name__} without one")
-    return layers
+    return [module for module in model.modules() if isinstance(module, MoELayer)]

@@ -26,14 +26,20 @@ def load_balancing_loss(probs: torch.Tensor, expert_idx: torch.Tensor,
     _checks.expert_ids("expert_idx", expert_idx, num_experts)
     if expert_idx.shape[0] != probs.shape[0]:
         raise ValueError(f"expert_idx must have {probs.shape[0]} rows like probs, got {expert_idx.shape[0]}")
-    in_use = torch.ones_like(expert_idx, dtype=torch.bool) if mask is None else mask
-    _checks.same_shape("mask", in_use, expert_idx.shape, "expert_idx")
+    _checks.same_shape("mask", expert_idx if mask is None else mask, expert_idx.shape, "expert_idx")
+    return _load_balancing_loss(probs, expert_idx, mask)
+
+
+def _load_balancing_loss(probs: torch.Tensor, expert_idx: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """load_balancing_loss on checked arguments (what MoELayer.forward calls). No check here;
+    selecting the used slots of a mask and, on CUDA, bincount still sync with the host."""
     if probs.shape[0] == 0:  # no tokens (an empty batch or rank): no loss, still in the graph
         return probs.sum() * 0.0
-    counts = torch.bincount(expert_idx[in_use].reshape(-1).long(), minlength=num_experts)
+    ids = expert_idx if mask is None else expert_idx[mask]
+    counts = torch.bincount(ids.reshape(-1).long(), minlength=probs.shape[1])
     f = counts.to(probs.dtype) / counts.sum().clamp(min=1)
     P = (probs / probs.sum(-1, keepdim=True)).mean(0)
-    return num_experts * (f * P).sum()
+    return probs.shape[1] * (f * P).sum()
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:

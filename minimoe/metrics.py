@@ -1,14 +1,20 @@
-"""Routing health metrics. `load` arguments are per-expert counts or fractions [E] (any scale).
+"""Routing health metrics. `load` arguments are per-expert counts [E] (fractions work too: every
+metric here is scale-free).
 
+`routing_stats(routing, plan)` is the one place that turns a routing decision into statistics
+(`MoEStats`): MoELayer.stats, the monitor, the Trainer and the experiments all read it.
 specialization and mutual_information measure how much an expert's identity tells about the
 token's class (domain, language, cluster): 0 bits for class-blind routing.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from minimoe import _checks
+from minimoe.dispatch import DispatchPlan
+from minimoe.routing import Routing
 
 
 def _load(load) -> torch.Tensor:
@@ -39,8 +45,13 @@ def load_entropy(load) -> float:
     return float(h / math.log(p.numel()))
 
 
-def dead_experts(load) -> torch.Tensor:
-    """Ids of experts that received nothing."""
+def dead_experts(load) -> int:
+    """How many experts received nothing."""
+    return int((_load(load) == 0).sum())
+
+
+def dead_expert_ids(load) -> torch.Tensor:
+    """[n] int64 ids of the experts that received nothing."""
     return (_load(load) == 0).nonzero().squeeze(1)
 
 
@@ -54,6 +65,57 @@ def coefficient_of_variation(load) -> float:
     """Population std / mean of the load (Shazeer et al. 2017 penalise its square)."""
     load = _load(load)
     return float(load.std(correction=0) / load.mean())
+
+
+@dataclass
+class MoEStats:
+    """Detached routing statistics of one routing decision over T tokens and E experts.
+
+    tokens            T
+    load              [E] int64 assignments the router sent to each expert (before capacity)
+    load_share        [E] float64 load / its sum (sums to 1)
+    dropped           assignments dropped by capacity
+    dropped_fraction  dropped / all assignments (0 when dropless)
+    load_entropy      entropy of load_share / log E: 1 = perfectly even, 0 = one expert takes all
+    dead_experts      how many experts got no assignment
+    max_violation     MaxVio, (max load - mean load) / mean load (Wang et al. 2024)
+    cv                coefficient of variation of the load, std / mean
+    logit_max         largest router logit
+    logit_rms         root mean square of the router logits
+    A call without assignments drops nothing and is even (shares 1/E, entropy 1, no dead expert,
+    MaxVio and cv 0); without tokens its logit statistics are NaN.
+    """
+
+    tokens: int
+    load: torch.Tensor
+    load_share: torch.Tensor
+    dropped: int
+    dropped_fraction: float
+    load_entropy: float
+    dead_experts: int
+    max_violation: float
+    cv: float
+    logit_max: float
+    logit_rms: float
+
+
+def routing_stats(routing: Routing, plan: DispatchPlan | None = None) -> MoEStats:
+    """The MoEStats of routing (and of plan, its dispatch: None when nothing was dropped)."""
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a minimoe.routing.Routing, got {type(routing).__name__}")
+    logits = routing.logits.detach()
+    tokens, num_experts = logits.shape
+    load = expert_load(routing.expert_idx, num_experts, routing.mask)
+    routed = int(load.sum())
+    kept = routed if plan is None else plan.order.numel()
+    nan = float("nan")
+    logit_max, logit_rms = ((float(logits.max()), float(logits.double().square().mean().sqrt())) if tokens
+                            else (nan, nan))
+    if routed == 0:
+        even = torch.full((num_experts,), 1 / num_experts, dtype=torch.float64)
+        return MoEStats(tokens, load, even, 0, 0.0, 1.0, 0, 0.0, 0.0, logit_max, logit_rms)
+    return MoEStats(tokens, load, load.double() / routed, routed - kept, 1.0 - kept / routed, load_entropy(load),
+                    dead_experts(load), max_violation(load), coefficient_of_variation(load), logit_max, logit_rms)
 
 
 def specialization(labels: torch.Tensor, expert_idx: torch.Tensor, num_classes: int,

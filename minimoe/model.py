@@ -9,27 +9,24 @@ Pre-norm blocks (x + attn(ln(x)), x + ffn(ln(x))), causal self-attention through
 embedding. With num_experts == 1 every FFN is dense: the baseline with the same active FLOPs
 as an MoE config is `config.dense_equivalent()`.
 
-Expert parallelism (chapter 12): `model.to_expert_parallel()` under torch.distributed shards
-every MoE block's experts over the ranks (ExpertParallelMoE); everything else stays replicated.
-`full_state_dict()` gathers the shards back into the single-process model's state dict.
+Nothing here is distributed: expert parallelism is applied from outside
+(`minimoe.parallel.parallelize(model)`, chapter 12), by swapping each MoE block's experts.
 """
 
 import math
 from dataclasses import dataclass, replace
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from minimoe import _checks
 from minimoe.experts import ACTIVATIONS, FeedForward
-from minimoe.layer import MoELayer, MoEStats
-from minimoe.parallel.comm import run_collective
-from minimoe.parallel.layer import ExpertParallelMoE
-from minimoe.routing import NoisyTopKRouter, Router, SwitchRouter, TopKRouter
+from minimoe.layer import MoELayer, moe_layers
+from minimoe.metrics import MoEStats
+from minimoe.routing import make_router
 
-ROUTERS = ("topk", "noisy_topk", "sigmoid_bias")
+MODEL_ROUTERS = ("topk", "noisy_topk", "sigmoid_bias")  # of minimoe.routing.ROUTERS, the causal ones with a k
 
 
 @dataclass(frozen=True)
@@ -42,9 +39,10 @@ class MoETransformerConfig:
         num_shared_experts 0).
     moe_every: block i has an MoE FFN when (i + 1) % moe_every == 0 (GShard: 2, every other block);
         the other blocks get a dense FFN of the active width.
-    router: "topk" (softmax; renormalised top-k as in Mixtral, or Switch top-1 when k == 1),
-        "noisy_topk" (Shazeer et al. 2017), "sigmoid_bias" (DeepSeek-V3: sigmoid scores and an
-        aux-loss-free selection bias, moved by bias_update_rate per `update_router_biases()`).
+    router: one of MODEL_ROUTERS, built by `minimoe.routing.make_router`: "topk" (softmax;
+        renormalised top-k as in Mixtral, or Switch top-1 when k == 1), "noisy_topk" (Shazeer
+        et al. 2017), "sigmoid_bias" (DeepSeek-V3: sigmoid scores and an aux-loss-free selection
+        bias, moved by bias_update_rate per `update_router_biases()`).
     aux_loss_coef, z_loss_coef: weights of the Switch load-balancing loss and the router z-loss,
         each summed over the MoE blocks, in the training loss.
     """
@@ -79,7 +77,7 @@ class MoETransformerConfig:
             raise ValueError("num_shared_experts must be 0 in a dense model (num_experts=1), "
                              f"got {self.num_shared_experts}")
         _checks.positive("capacity_factor", self.capacity_factor, none_means="dropless")
-        _checks.choice("router", self.router, ROUTERS)
+        _checks.choice("router", self.router, MODEL_ROUTERS)
         _checks.choice("activation", self.activation, ACTIVATIONS)
         for name in ("bias_update_rate", "aux_loss_coef", "z_loss_coef"):
             _checks.non_negative(name, getattr(self, name))
@@ -101,15 +99,6 @@ class MoETransformerConfig:
         (up to the router's d * E per MoE block)."""
         return replace(self, d_hidden=self.active_hidden, num_experts=1, k=1, num_shared_experts=0,
                        capacity_factor=None)
-
-
-def _router(config: MoETransformerConfig) -> Router:
-    d, E, k = config.d_model, config.num_experts, config.k
-    if config.router == "noisy_topk":
-        return NoisyTopKRouter(d, E, k)
-    if config.router == "sigmoid_bias":
-        return TopKRouter(d, E, k, score="sigmoid", bias_update_rate=config.bias_update_rate)
-    return SwitchRouter(d, E) if k == 1 else TopKRouter(d, E, k)
 
 
 class CausalSelfAttention(nn.Module):
@@ -138,7 +127,9 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.attn = CausalSelfAttention(d, config.n_heads)
         if moe:
-            self.ffn = MoELayer(d, config.d_hidden, config.num_experts, config.k, router=_router(config),
+            router = make_router(config.router, d, config.num_experts, config.k,
+                                 bias_update_rate=config.bias_update_rate)
+            self.ffn = MoELayer(d, config.d_hidden, config.num_experts, router=router,
                                 capacity_factor=config.capacity_factor,
                                 num_shared_experts=config.num_shared_experts, activation=config.activation)
         else:
@@ -173,49 +164,9 @@ class MoETransformer(nn.Module):
         self.last_losses: dict | None = None
 
     @property
-    def moe_layers(self) -> list[MoELayer | ExpertParallelMoE]:
-        """The MoE FFNs, first block first (ExpertParallelMoE after `to_expert_parallel`)."""
-        return [block.ffn for block in self.blocks if isinstance(block.ffn, (MoELayer, ExpertParallelMoE))]
-
-    @property
-    def expert_parallel(self) -> bool:
-        return any(isinstance(layer, ExpertParallelMoE) for layer in self.moe_layers)
-
-    def to_expert_parallel(self, group=None) -> "MoETransformer":
-        """Shard every MoE block's experts over `group` (None: the default process group), in
-        place; returns self. Every rank must call it on a model with the same weights (the same
-        seed). Embeddings, attention, norms, routers and dense FFNs stay replicated."""
-        if self.expert_parallel:
-            raise ValueError("the model is already expert-parallel")
-        if not self.moe_layers:
-            raise ValueError("a dense model (num_experts=1) has no experts to shard")
-        for block in self.blocks:
-            if isinstance(block.ffn, MoELayer):
-                block.ffn = ExpertParallelMoE.from_layer(block.ffn, group)
-        return self
-
-    def sharded_parameters(self) -> dict[str, ExpertParallelMoE]:
-        """name -> layer of every parameter this rank holds only a shard of: the experts of the
-        ExpertParallelMoE blocks ([E / W, ...] here, [E, ...] in the single-process model)."""
-        return {f"blocks.{i}.{name}": block.ffn for i, block in enumerate(self.blocks)
-                if isinstance(block.ffn, ExpertParallelMoE)
-                for name, _ in block.ffn.experts.named_parameters(prefix="ffn.experts")}
-
-    @staticmethod
-    def gather_shards(shard: torch.Tensor, layer: ExpertParallelMoE) -> torch.Tensor:
-        """[E / W, ...] on every rank of layer's group -> [E, ...] (rank order). Collective."""
-        parts = [torch.empty_like(shard) for _ in range(layer.world_size)]
-        run_collective("gather expert shards", layer.group, dist.all_gather, parts, shard.contiguous())
-        return torch.cat(parts)
-
-    @torch.no_grad()
-    def full_state_dict(self) -> dict:
-        """The state dict of the equivalent single-process model, on the CPU: expert shards are
-        gathered from every rank (collective when expert-parallel: call it on every rank)."""
-        state = self.state_dict()
-        for name, layer in self.sharded_parameters().items():
-            state[name] = self.gather_shards(state[name], layer)
-        return {name: tensor.cpu() for name, tensor in state.items()}
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE FFNs, first block first ([] for a dense model): `minimoe.layer.moe_layers(self)`."""
+        return moe_layers(self)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         self._check_ids("idx", idx)
@@ -250,51 +201,35 @@ class MoETransformer(nn.Module):
         return [layer.stats for layer in self.moe_layers]
 
     @torch.no_grad()
-    def update_router_biases(self, tokens_per_expert: list[torch.Tensor] | None = None) -> None:
+    def update_router_biases(self, loads: list[torch.Tensor] | None = None) -> None:
         """One aux-loss-free bias step in every MoE block whose router keeps a bias (router
-        "sigmoid_bias"). tokens_per_expert: [E] per MoE block, default the last forward call's.
-        Expert-parallel blocks first sum the loads over the ranks (collective), so the
-        replicated biases stay identical. Call once per training step."""
+        "sigmoid_bias"). loads: [E] assignments per expert, one per MoE block, default the last
+        forward call's (`stats.load`); a data-parallel run passes the loads of all its ranks,
+        so that the replicated biases stay identical. Call once per training step."""
         layers = self.moe_layers
-        loads = [layer.stats.tokens_per_expert for layer in layers] if tokens_per_expert is None \
-            else list(tokens_per_expert)
+        loads = [layer.stats.load for layer in layers] if loads is None else list(loads)
         if len(loads) != len(layers):
-            raise ValueError(f"tokens_per_expert must hold one [E] tensor per MoE block ({len(layers)}), "
-                             f"got {len(loads)}")
+            raise ValueError(f"loads must hold one [E] tensor per MoE block ({len(layers)}), got {len(loads)}")
         for layer, load in zip(layers, loads, strict=True):
-            if getattr(layer.router, "expert_bias", None) is None:
-                continue
-            if isinstance(layer, ExpertParallelMoE):
-                load = load.clone()
-                run_collective("router bias loads", layer.group, dist.all_reduce, load)
-            layer.router.update_bias(load)
+            if getattr(layer.router, "expert_bias", None) is not None:
+                layer.router.update_bias(load)
 
     @torch.no_grad()
     def expert_choices(self, idx: torch.Tensor) -> list[torch.Tensor]:
         """Run idx [B, L] and return each MoE block's chosen experts [B, L, k], best first."""
-        chosen = []
-        hooks = [layer.router.register_forward_hook(lambda _m, _i, routing: chosen.append(routing.expert_idx))
-                 for layer in self.moe_layers]
-        try:
-            self(idx)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return [c.view(*idx.shape, -1) for c in chosen]
+        self(idx)
+        return [layer.last_routing.expert_idx.view(*idx.shape, -1) for layer in self.moe_layers]
 
     def num_params(self, active: bool = False) -> int:
         """All parameters (the tied head counted once); active=True counts only the k routed
-        experts a token uses in each MoE block, not all E. An expert-parallel model counts the
-        whole model, all E experts of every block, on every rank (not this rank's shard)."""
-        def per_expert(layer) -> int:
-            return layer.experts.w_up[0].numel() * (3 if layer.experts.w_gate is not None else 2)
-
-        held = sum(p.numel() for p in self.parameters())
-        total = held + sum((layer.num_experts - layer.experts.num_experts) * per_expert(layer)
-                           for layer in self.moe_layers)  # the shards other ranks hold (0 on one process)
-        if not active:
-            return total
-        return total - sum((layer.num_experts - layer.k) * per_expert(layer) for layer in self.moe_layers)
+        experts a token uses in each MoE block, not all E. The count is the model's, whatever
+        share of the experts this process holds (all E of every block, also when expert-parallel)."""
+        expert_params = {id(p) for layer in self.moe_layers for p in layer.experts.parameters()}
+        total = sum(p.numel() for p in self.parameters() if id(p) not in expert_params)
+        for layer in self.moe_layers:
+            per_expert = sum(w[0].numel() for w in layer.experts.parameters())
+            total += (layer.k if active else layer.num_experts) * per_expert
+        return total
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

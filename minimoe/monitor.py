@@ -1,6 +1,6 @@
 """Watch the routers of any model built from `MoELayer`s, in training and in evaluation.
 
-    monitor = RoutingMonitor(model)      # hooks every MoELayer inside model (or model itself)
+    monitor = RoutingMonitor(model)      # reads every MoELayer's stats after each of its calls
     ... train or evaluate as usual ...
     monitor.records                     # one dict per (forward call of model, MoE layer)
     monitor.series("logit_max", layer=0) # (steps, values) for your own plots
@@ -18,6 +18,7 @@ A record holds, for one MoE layer and one call (E experts, T tokens):
     step, call, layer, training   where and when (layer: index among the model's MoE layers)
     tokens            T
     load              [E] list of ints, assignments the router sent to each expert (before capacity)
+    (these are `minimoe.metrics.MoEStats` fields, as the layer's `stats` holds them)
     load_entropy      entropy of the load / log E: 1 = even, 0 = one expert takes all
     dead_experts      experts that received no assignment
     max_violation     MaxVio, (max load - mean load) / mean load (Wang et al. 2024)
@@ -33,9 +34,10 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from torch import nn
 
-from minimoe import _checks, metrics
+from minimoe import _checks
 from minimoe.layer import moe_layers
 from minimoe.losses import router_z_loss
+from minimoe.metrics import MoEStats, routing_stats
 from minimoe.routing import Routing
 
 FIELDS = ("step", "call", "layer", "training", "tokens", "load", "load_entropy", "dead_experts",
@@ -59,19 +61,23 @@ _PANELS = {  # metric: (title, y label)
 }
 
 
+def _fields(stats: MoEStats, z_loss: float) -> dict:
+    """The record fields that come from one call's statistics."""
+    return dict(tokens=stats.tokens, load=stats.load.tolist(), load_entropy=stats.load_entropy,
+                dead_experts=stats.dead_experts, max_violation=stats.max_violation, cv=stats.cv,
+                logit_max=stats.logit_max, logit_rms=stats.logit_rms, z_loss=z_loss)
+
+
 def routing_record(routing: Routing, num_experts: int) -> dict:
     """The load and logit metrics of one router call (T >= 1 tokens) -> dict with the record
     fields tokens, load, load_entropy, dead_experts, max_violation, cv, logit_max, logit_rms, z_loss."""
     if not isinstance(routing, Routing):
         raise TypeError(f"routing must be a minimoe.routing.Routing, got {type(routing).__name__}")
-    logits = routing.logits.detach()
-    if logits.shape[0] == 0:
+    if routing.logits.shape[0] == 0:
         raise ValueError("routing must hold at least one token, got logits of shape (0, E)")
-    load = metrics.expert_load(routing.expert_idx, num_experts, routing.mask)
-    return dict(tokens=logits.shape[0], load=load.tolist(), load_entropy=metrics.load_entropy(load),
-                dead_experts=len(metrics.dead_experts(load)), max_violation=metrics.max_violation(load),
-                cv=metrics.coefficient_of_variation(load), logit_max=float(logits.max()),
-                logit_rms=float(logits.double().square().mean().sqrt()), z_loss=float(router_z_loss(logits)))
+    if routing.logits.shape[1] != num_experts:
+        raise ValueError(f"num_experts must be the routing's {routing.logits.shape[1]}, got {num_experts}")
+    return _fields(routing_stats(routing), float(router_z_loss(routing.logits.detach())))
 
 
 def diagnose(record: dict) -> str:
@@ -93,21 +99,22 @@ def diagnose(record: dict) -> str:
 
 
 class RoutingMonitor:
-    """Forward hooks on every MoELayer of `model` (found by isinstance; `model` may be an
-    MoELayer itself) and on its router; one record per layer per forward call of `model`.
-    See the module docstring for the step convention and the record fields."""
+    """Forward hooks on `model` and on every MoELayer in it (found by isinstance; `model` may be
+    an MoELayer itself): after each layer call, its `stats` and `z_loss` become a record, one
+    per layer per forward call of `model`. See the module docstring for the step convention and
+    the record fields."""
 
     def __init__(self, model: nn.Module):
         self.layers = moe_layers(model)
+        if not self.layers:
+            raise ValueError(f"model must contain an MoELayer, got a {type(model).__name__} without one")
         self.model = model
         self.records: list[dict] = []
         self.steps = 0  # forward calls of model in training mode so far
         self.calls = 0  # all forward calls of model so far
         self._call: dict | None = None  # step, call, training of the call in progress
-        self._routing: dict[int, Routing] = {}
         self._handles = [model.register_forward_pre_hook(self._begin)]
         for i, layer in enumerate(self.layers):
-            self._handles.append(layer.router.register_forward_hook(self._keep_routing(i)))
             self._handles.append(layer.register_forward_hook(self._record(i)))
         self._handles.append(model.register_forward_hook(self._end))  # after the layers' hooks
 
@@ -115,18 +122,13 @@ class RoutingMonitor:
     def _begin(self, model, args):
         self._call = dict(step=self.steps, call=self.calls, training=model.training)
 
-    def _keep_routing(self, i: int):
-        def hook(router, args, routing):
-            self._routing[i] = routing
-        return hook
-
     def _record(self, i: int):
         def hook(layer, args, output):
-            routing = self._routing.pop(i, None)
-            if self._call is None or routing is None or routing.logits.shape[0] == 0:
+            stats = layer.stats
+            if self._call is None or stats.tokens == 0:
                 return  # a call not made through the monitored model, or no tokens
-            values = dict(self._call, layer=i, dropped_fraction=layer.stats.dropped_fraction,
-                          **routing_record(routing, layer.num_experts))
+            values = dict(self._call, layer=i, dropped_fraction=stats.dropped_fraction,
+                          **_fields(stats, float(layer.z_loss.detach())))
             self.records.append({name: values[name] for name in FIELDS})
         return hook
 

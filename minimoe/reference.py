@@ -41,7 +41,7 @@ def moe_loop(layer, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> t
     """Same result as `layer(x, token_ids)` for a `minimoe.layer.MoELayer` (use eval mode for
     noisy routers)."""
     tokens = x.reshape(-1, layer.d_model)
-    routing = layer.router.route(x, token_ids, layer.available_experts)
+    routing = layer.router(x, token_ids, available_experts=layer.available_experts)
     T, k = routing.expert_idx.shape
     capacity = None
     if layer.capacity_factor is not None:

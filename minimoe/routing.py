@@ -1,7 +1,8 @@
 """Routers: which experts each token visits, and with what combine weight.
 
-Every router maps x [..., d] (leading dims are flattened to T tokens) to a `Routing`; a router
-with `needs_token_ids` (HashRouter) also reads the token ids [...]. At inference a router can be
+Every router maps x [..., d] (leading dims are flattened to T tokens) to a `Routing`:
+`router(x, token_ids=None, available_experts=None)`; a router with `needs_token_ids`
+(HashRouter) reads the token ids [...]. At inference a router can be
 told that some experts are unavailable (failed, offloaded, pruned): `available_experts`, a bool
 [E] tensor, excludes the False ones from selection, and the weights renormalise over the rest
 (see each router's docstring; HashRouter cannot, and says so). Router math runs in
@@ -37,61 +38,86 @@ class Routing:
     weights: torch.Tensor
     mask: torch.Tensor | None = None
 
+    def detach(self) -> "Routing":
+        """The same decision, cut from the autograd graph (what MoELayer keeps as last_routing)."""
+        return Routing(self.logits.detach(), self.probs.detach(), self.expert_idx, self.weights.detach(), self.mask)
+
+
+def check_available_experts(available_experts: torch.Tensor | None, num_experts: int, k: int) -> torch.Tensor | None:
+    """None, or a bool [num_experts] tensor with at least k True (a host sync: the count)."""
+    if available_experts is None:
+        return None
+    _checks.tensor("available_experts", available_experts, ndim=1)
+    _checks.same_shape("available_experts", available_experts, (num_experts,), "num_experts")
+    if available_experts.dtype != torch.bool:
+        raise TypeError(f"available_experts must be a bool tensor, got dtype {available_experts.dtype}")
+    count = int(available_experts.sum())
+    if count < k:
+        what = "every expert is masked" if count == 0 else f"only {count} available"
+        raise ValueError(f"available_experts must leave at least k={k} of the {num_experts} experts "
+                         f"available, got {what}")
+    return available_experts
+
+
+ROUTERS = ("topk", "noisy_topk", "switch", "expert_choice", "sigmoid_bias", "hash")  # make_router's names
+
 
 class Router(nn.Module):
-    """Base: a bias-free linear map `proj` d_model -> num_experts, evaluated in fp32.
+    """Base: a bias-free linear map `proj` d_model -> num_experts, evaluated in fp32, and `k`,
+    the experts each token gets (None for expert choice, where a token gets 0..E of them).
     A router that learns nothing (HashRouter) passes learned=False and has proj = None, so it
-    has no parameters to optimise, synchronise or count."""
+    has no parameters to optimise, synchronise or count.
 
-    needs_token_ids = False  # True: forward(x, token_ids) routes on the token ids
+    forward(x [..., d], token_ids=None, available_experts=None) -> Routing over the T tokens:
+    it checks its inputs (`flat_tokens`, `check_token_ids`, `check_available`) and calls
+    `_route(tokens [T, d], token_ids [T] or None, available [E] or None)`, the routing itself,
+    which each router implements and `MoELayer` calls after checking once at its own boundary.
+    """
 
-    def __init__(self, d_model: int, num_experts: int, *, learned: bool = True):
+    needs_token_ids = False  # True: routes on the token ids (HashRouter), which must then be given
+
+    def __init__(self, d_model: int, num_experts: int, k: int | None = None, *, learned: bool = True):
         super().__init__()
         self.d_model = _checks.positive_int("d_model", d_model)
         self.num_experts = _checks.positive_int("num_experts", num_experts)
+        self.k = None if k is None else _checks.positive_int("k", k)
+        if self.k is not None and self.k > num_experts:
+            raise ValueError(f"k must be <= num_experts={num_experts}, got k={k}")
         self.proj = nn.Linear(d_model, num_experts, bias=False) if learned else None
 
-    def route(self, x: torch.Tensor, token_ids: torch.Tensor | None = None,
-              available_experts: torch.Tensor | None = None) -> Routing:
-        """self(x), or self(x, token_ids) for a router that needs them; token ids given to a
-        router that does not read them are an error, not silently ignored. available_experts
-        (bool [E] or None) is passed on only when given."""
-        name = type(self).__name__
-        if self.needs_token_ids and token_ids is None:
-            raise ValueError(f"token_ids must be given: {name} routes on token ids, got None")
-        if not self.needs_token_ids and token_ids is not None:
-            raise ValueError(f"token_ids must be None: {name} does not route on token ids, got a "
-                             f"{type(token_ids).__name__}")
-        args = (x,) if token_ids is None else (x, token_ids)
-        return self(*args) if available_experts is None else self(*args, available_experts=available_experts)
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None,
+                available_experts: torch.Tensor | None = None) -> Routing:
+        return self._route(self.flat_tokens(x), self.check_token_ids(token_ids, x),
+                           self.check_available(available_experts))
 
-    def _available(self, available_experts: torch.Tensor | None, k: int) -> torch.Tensor | None:
-        """Check available_experts: None, or a bool [E] tensor leaving at least k experts."""
-        if available_experts is None:
-            return None
-        _checks.tensor("available_experts", available_experts, ndim=1)
-        _checks.same_shape("available_experts", available_experts, (self.num_experts,), "num_experts")
-        if available_experts.dtype != torch.bool:
-            raise TypeError(f"available_experts must be a bool tensor, got dtype {available_experts.dtype}")
-        count = int(available_experts.sum())
-        if count < k:
-            what = "every expert is masked" if count == 0 else f"only {count} available"
-            raise ValueError(f"available_experts must leave at least k={k} of the {self.num_experts} experts "
-                             f"available, got {what}")
-        return available_experts
+    def _route(self, tokens: torch.Tensor, token_ids: torch.Tensor | None,
+               available: torch.Tensor | None) -> Routing:
+        raise NotImplementedError
 
-    def _flat(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., d] -> [T, d]."""
+    def flat_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Check x [..., d_model] -> [T, d_model]."""
         _checks.tensor("x", x)
         if x.dim() == 0 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have last dimension d_model={self.d_model}, got shape {tuple(x.shape)}")
         return x.reshape(-1, self.d_model)
 
-    def _flat_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [..., d] -> (x [T, d], logits [T, E] in float32, or float64 for float64 input)."""
-        x = self._flat(x)
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        return x, F.linear(x.to(dtype), self.proj.weight.to(dtype))
+    def check_token_ids(self, token_ids: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+        """None, as this router does not route on token ids: ids given anyway are an error, not
+        silently ignored."""
+        if token_ids is not None:
+            raise ValueError(f"token_ids must be None: {type(self).__name__} does not route on token ids, got a "
+                             f"{type(token_ids).__name__}")
+        return None
+
+    def check_available(self, available_experts: torch.Tensor | None) -> torch.Tensor | None:
+        """Check available_experts: None, or a bool [E] tensor leaving at least k experts (one for
+        expert choice). Costs a host sync (the count): MoELayer checks once, when it is set."""
+        return check_available_experts(available_experts, self.num_experts, self.k or 1)
+
+    def _logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [T, d] -> logits [T, E] in float32, or float64 for float64 input."""
+        dtype = torch.promote_types(tokens.dtype, torch.float32)
+        return F.linear(tokens.to(dtype), self.proj.weight.to(dtype))
 
 
 class TopKRouter(Router):
@@ -103,17 +129,13 @@ class TopKRouter(Router):
     noise_std adds N(0, noise_std^2) to the logits in training mode only.
     bias_update_rate > 0 keeps `expert_bias` [E] (DeepSeek-V3 auxiliary-loss-free balancing,
     Wang et al. 2024): the bias is added to the scores to *select* experts, never to the weights.
-    forward(x, available_experts=None): a bool [E] mask (at least k True); masked experts get
-    logit -inf (probs 0, for softmax the rest renormalise) and are never selected, whatever
-    their bias.
+    available_experts (bool [E], at least k True): masked experts get logit -inf (probs 0, for
+    softmax the rest renormalise) and are never selected, whatever their bias.
     """
 
     def __init__(self, d_model: int, num_experts: int, k: int = 2, *, score: str = "softmax",
                  normalize: bool = True, noise_std: float = 0.0, bias_update_rate: float = 0.0):
-        super().__init__(d_model, num_experts)
-        self.k = _checks.positive_int("k", k)
-        if k > num_experts:
-            raise ValueError(f"k must be <= num_experts={num_experts}, got k={k}")
+        super().__init__(d_model, num_experts, k)
         self.score = _checks.choice("score", score, ("softmax", "sigmoid"))
         self.normalize = bool(normalize)
         self.noise_std = _checks.non_negative("noise_std", noise_std)
@@ -123,9 +145,8 @@ class TopKRouter(Router):
         else:
             self.expert_bias = None
 
-    def forward(self, x: torch.Tensor, available_experts: torch.Tensor | None = None) -> Routing:
-        available = self._available(available_experts, self.k)
-        _, logits = self._flat_logits(x)
+    def _route(self, tokens, token_ids, available) -> Routing:
+        logits = self._logits(tokens)
         routed = logits
         if self.training and self.noise_std > 0:
             routed = logits + self.noise_std * torch.randn_like(logits)
@@ -144,14 +165,15 @@ class TopKRouter(Router):
         return Routing(logits, probs, expert_idx, weights)
 
     @torch.no_grad()
-    def update_bias(self, tokens_per_expert: torch.Tensor) -> None:
-        """One aux-loss-free step: bias_i += rate * sign(mean load - load_i)."""
+    def update_bias(self, load: torch.Tensor) -> None:
+        """One aux-loss-free step from load [E] (assignments routed to each expert):
+        bias_i += rate * sign(mean load - load_i)."""
         if self.expert_bias is None:
             raise ValueError("update_bias needs a router built with bias_update_rate > 0, "
                              f"got bias_update_rate={self.bias_update_rate}")
-        _checks.tensor("tokens_per_expert", tokens_per_expert, ndim=1)
-        _checks.same_shape("tokens_per_expert", tokens_per_expert, (self.num_experts,), "num_experts")
-        load = tokens_per_expert.to(self.expert_bias)
+        _checks.tensor("load", load, ndim=1)
+        _checks.same_shape("load", load, (self.num_experts,), "num_experts")
+        load = load.to(self.expert_bias)
         self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
 
 
@@ -174,19 +196,15 @@ class NoisyTopKRouter(Router):
     """
 
     def __init__(self, d_model: int, num_experts: int, k: int = 2):
-        super().__init__(d_model, num_experts)
-        self.k = _checks.positive_int("k", k)
-        if k > num_experts:
-            raise ValueError(f"k must be <= num_experts={num_experts}, got k={k}")
+        super().__init__(d_model, num_experts, k)
         self.noise_proj = nn.Linear(d_model, num_experts, bias=False)
         nn.init.zeros_(self.noise_proj.weight)
 
-    def forward(self, x: torch.Tensor, available_experts: torch.Tensor | None = None) -> Routing:
-        available = self._available(available_experts, self.k)
-        x, logits = self._flat_logits(x)
+    def _route(self, tokens, token_ids, available) -> Routing:
+        logits = self._logits(tokens)
         routed = logits
         if self.training:
-            noise_std = F.softplus(F.linear(x.to(logits.dtype), self.noise_proj.weight.to(logits.dtype)))
+            noise_std = F.softplus(F.linear(tokens.to(logits.dtype), self.noise_proj.weight.to(logits.dtype)))
             routed = logits + torch.randn_like(logits) * noise_std
         if available is not None:
             routed = routed.masked_fill(~available.to(routed.device), float("-inf"))
@@ -196,7 +214,8 @@ class NoisyTopKRouter(Router):
 
 class ExpertChoiceRouter(Router):
     """Expert choice (Zhou et al. 2022): each expert takes its C highest-scoring tokens,
-    C = ceil(T * capacity_factor / E). Loads are perfectly even; a token may get 0..E experts.
+    C = ceil(T * capacity_factor / E). Loads are perfectly even; a token may get 0..E experts,
+    so the router has no k (k = None).
 
     Returns token-major slots: expert_idx [T, m] with m the most experts any token got, best
     first, and `mask` marking the filled slots. The choice looks at the whole batch, so it is
@@ -209,9 +228,8 @@ class ExpertChoiceRouter(Router):
         super().__init__(d_model, num_experts)
         self.capacity_factor = _checks.positive("capacity_factor", capacity_factor)
 
-    def forward(self, x: torch.Tensor, available_experts: torch.Tensor | None = None) -> Routing:
-        available = self._available(available_experts, 1)
-        _, logits = self._flat_logits(x)
+    def _route(self, tokens, token_ids, available) -> Routing:
+        logits = self._logits(tokens)
         routed = logits if available is None else logits.masked_fill(~available.to(logits.device), float("-inf"))
         probs = routed.softmax(-1)
         T = probs.shape[0]
@@ -221,7 +239,7 @@ class ExpertChoiceRouter(Router):
         chosen.scatter_(0, chosen_tokens, True)
         if available is not None:
             chosen &= available.to(chosen.device)
-        slots = int(chosen.sum(-1).max())
+        slots = int(chosen.sum(-1).max()) if T else 0  # a host sync: the number of slots is data-dependent
         ranked = torch.where(chosen, probs.detach(), -1.0).topk(slots, dim=-1).indices
         mask = chosen.gather(-1, ranked)
         weights = probs.gather(-1, ranked) * mask
@@ -246,11 +264,8 @@ class HashRouter(Router):
     needs_token_ids = True
 
     def __init__(self, d_model: int, num_experts: int, vocab_size: int, k: int = 1, seed: int = 0):
-        super().__init__(d_model, num_experts, learned=False)
+        super().__init__(d_model, num_experts, k, learned=False)
         self.vocab_size = _checks.positive_int("vocab_size", vocab_size)
-        self.k = _checks.positive_int("k", k)
-        if k > num_experts:
-            raise ValueError(f"k must be <= num_experts={num_experts}, got k={k}")
         self.seed = _checks.positive_int("seed", seed, minimum=0)
         self.register_buffer("table", self._deal(vocab_size, num_experts, k, seed))
 
@@ -269,20 +284,58 @@ class HashRouter(Router):
             rows.append(row)
         return torch.tensor(rows, dtype=torch.int64)
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor,
-                available_experts: torch.Tensor | None = None) -> Routing:
-        """x [..., d], token_ids [...] integers in [0, vocab_size) -> Routing over T tokens."""
-        available = self._available(available_experts, self.k)
-        if available is not None and not bool(available.all()):
-            raise ValueError("available_experts must be all True for a HashRouter: its fixed table sends "
-                             "token ids to masked experts; re-deal the table over the available experts instead")
-        tokens = self._flat(x)
+    def check_token_ids(self, token_ids: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """Check token_ids [...] (x's leading shape), integers in [0, vocab_size) -> [T]. The
+        range check costs a host sync."""
+        if token_ids is None:
+            raise ValueError(f"token_ids must be given: {type(self).__name__} routes on token ids, got None")
         _checks.tensor("token_ids", token_ids)
         _checks.same_shape("token_ids", token_ids, x.shape[:-1], "x's leading dimensions")
         _checks.expert_ids("token_ids", token_ids.reshape(-1, 1), self.vocab_size)
+        return token_ids.reshape(-1)
+
+    def check_available(self, available_experts: torch.Tensor | None) -> torch.Tensor | None:
+        available = super().check_available(available_experts)
+        if available is not None and not bool(available.all()):
+            raise ValueError("available_experts must be all True for a HashRouter: its fixed table sends "
+                             "token ids to masked experts; re-deal the table over the available experts instead")
+        return available
+
+    def _route(self, tokens, token_ids, available) -> Routing:
         T, E = tokens.shape[0], self.num_experts
         dtype = torch.promote_types(tokens.dtype, torch.float32)
         logits = tokens.new_zeros(T, E, dtype=dtype)
         weights = tokens.new_full((T, self.k), 1 / self.k, dtype=dtype)
-        expert_idx = self.table[token_ids.reshape(-1).long()]
+        expert_idx = self.table[token_ids.long()]
         return Routing(logits, torch.full_like(logits, 1 / E), expert_idx, weights)
+
+
+def make_router(name: str, d_model: int, num_experts: int, k: int | None = 2, *, bias_update_rate: float = 1e-3,
+                capacity_factor: float = 1.0, vocab_size: int | None = None, seed: int = 0) -> Router:
+    """The router ROUTERS calls `name`:
+    topk           TopKRouter(k): softmax, renormalised top-k (GShard, Mixtral); for k=1 the
+                   SwitchRouter (a renormalised single weight is 1: the router would get no
+                   gradient from the output)
+    noisy_topk     NoisyTopKRouter(k) (Shazeer et al. 2017)
+    switch         SwitchRouter (Fedus et al. 2021); k must be 1
+    expert_choice  ExpertChoiceRouter(capacity_factor) (Zhou et al. 2022); k must be None
+    sigmoid_bias   TopKRouter(k, score="sigmoid", bias_update_rate) (DeepSeek-V3)
+    hash           HashRouter(vocab_size, k, seed) (Roller et al. 2021)
+    """
+    _checks.choice("name", name, ROUTERS)
+    if (name == "expert_choice") != (k is None) or (name == "switch" and k != 1):
+        expected = {"expert_choice": "None (a token gets 0..E experts)", "switch": "1"}.get(name, "an int")
+        raise ValueError(f"k must be {expected} for the {name!r} router, got k={k}")
+    if name == "topk":
+        return SwitchRouter(d_model, num_experts) if k == 1 else TopKRouter(d_model, num_experts, k)
+    if name == "noisy_topk":
+        return NoisyTopKRouter(d_model, num_experts, k)
+    if name == "switch":
+        return SwitchRouter(d_model, num_experts)
+    if name == "expert_choice":
+        return ExpertChoiceRouter(d_model, num_experts, capacity_factor)
+    if name == "sigmoid_bias":
+        return TopKRouter(d_model, num_experts, k, score="sigmoid", bias_update_rate=bias_update_rate)
+    if vocab_size is None:
+        raise ValueError("vocab_size must be given for the 'hash' router, got None")
+    return HashRouter(d_model, num_experts, vocab_size, k, seed)

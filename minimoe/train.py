@@ -6,8 +6,10 @@ resume bit-exactly.
     history = trainer.run()
     trainer.save("run.pt"); trainer = Trainer.load("run.pt", corpus)
 
-Data + expert parallelism (chapter 12; `python -m minimoe.train_cli` under torchrun): give the
-Trainer a model after `model.to_expert_parallel()`. Each global batch is cut into
+Data + expert parallelism (chapter 12; `minimoe train` under torchrun): give the Trainer
+`parallel=minimoe.parallel.Parallel()`, which makes the model expert-parallel and does every
+collective; this module itself imports nothing distributed (`SingleProcess` is the one-process
+stand-in). Each global batch is cut into
 `micro_batches` shards, rows s::M; rank r of W runs the shards s with s % W == r, one after
 another, and the loss of the step is the mean of the shard losses. The same config on one
 process runs all M shards itself (gradient accumulation), so a W-rank run and a one-process run
@@ -29,8 +31,38 @@ from tqdm import tqdm  # the text bar: tqdm.auto needs ipywidgets in notebooks
 from minimoe import _checks
 from minimoe.data import Corpus
 from minimoe.model import MoETransformer, MoETransformerConfig
-from minimoe.parallel.comm import rank_and_world, run_collective
-from minimoe.parallel.layer import average_gradients
+
+
+class SingleProcess:
+    """The processes a Trainer runs on, when it is just this one: rank 0 of 1, every collective
+    the identity. `minimoe.parallel.Parallel` has the same methods over a process group."""
+
+    rank, world_size = 0, 1
+
+    def parallelize(self, model):
+        return model
+
+    def all_gather(self, x: torch.Tensor, phase: str) -> torch.Tensor:
+        """x [...] -> [1, ...]."""
+        return x[None]
+
+    def all_reduce(self, x: torch.Tensor, phase: str) -> torch.Tensor:
+        return x
+
+    def average_gradients(self, model) -> None:
+        pass
+
+    def clip_grad_norm(self, model, max_norm: float) -> float:
+        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+
+    def full_state_dict(self, model) -> dict:
+        return {name: tensor.cpu() for name, tensor in model.state_dict().items()}
+
+    def gather_optimizer_state(self, model, state: dict, names: list[str]) -> dict:
+        return state
+
+    def shard_optimizer_state(self, model, state: dict, names: list[str]) -> dict:
+        return state
 
 
 @dataclass(frozen=True)
@@ -81,10 +113,10 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 class History:
     """One entry per training step (lists, so a checkpoint stores them as plain data).
 
-    load[i]              [n_moe_blocks][E] share of assignments per expert at step i
+    load_share[i]        [n_moe_blocks][E] share of the assignments routed to each expert at step i
     dropped_fraction[i]  [n_moe_blocks] share of assignments dropped by capacity
-    shard_load[i]        [micro_batches][n_moe_blocks][E] load of each shard (on W ranks, shard s
-                         ran on rank s % W: the per-rank routing)
+    shard_load_share[i]  [micro_batches][n_moe_blocks][E] load_share of each shard (on W ranks,
+                         shard s ran on rank s % W: the per-rank routing)
     val_step, val_loss   the validation cross-entropy (nats per character) when it was measured
     """
 
@@ -93,15 +125,15 @@ class History:
     loss: list = field(default_factory=list)
     aux_loss: list = field(default_factory=list)
     z_loss: list = field(default_factory=list)
-    load: list = field(default_factory=list)
+    load_share: list = field(default_factory=list)
     dropped_fraction: list = field(default_factory=list)
-    shard_load: list = field(default_factory=list)
+    shard_load_share: list = field(default_factory=list)
     tokens_per_s: list = field(default_factory=list)
     val_step: list = field(default_factory=list)
     val_loss: list = field(default_factory=list)
 
     def array(self, name: str) -> np.ndarray:
-        """A field as a NumPy array, e.g. array("load") -> [steps, n_moe_blocks, E]."""
+        """A field as a NumPy array, e.g. array("load_share") -> [steps, n_moe_blocks, E]."""
         if name not in {f.name for f in fields(self)}:
             raise ValueError(f"name must be a History field {[f.name for f in fields(self)]}, got {name!r}")
         return np.asarray(getattr(self, name), dtype=float)
@@ -109,10 +141,11 @@ class History:
 
 @torch.no_grad()
 def evaluate(model: MoETransformer, corpus: Corpus, num_batches: int = 8, batch_size: int = 32,
-             seed: int = 0, split: str = "val") -> float:
+             seed: int = 0, split: str = "val", parallel=None) -> float:
     """Mean cross-entropy (nats per character) of `model` on num_batches fixed windows of split.
-    An expert-parallel model (collective: every rank calls it) runs rows r::W on rank r."""
-    rank, world = _rank_and_world(model)
+    parallel (a `minimoe.parallel.Parallel`, collective: every rank calls it): rank r runs rows r::W."""
+    parallel = parallel or SingleProcess()
+    rank, world = parallel.rank, parallel.world_size
     if batch_size % world:
         raise ValueError(f"batch_size must be divisible by the {world} ranks, got {batch_size}")
     was_training = model.training
@@ -122,56 +155,31 @@ def evaluate(model: MoETransformer, corpus: Corpus, num_batches: int = 8, batch_
     for i in range(_checks.positive_int("num_batches", num_batches)):
         x, y, _ = corpus.batch(split, batch_size, model.config.seq_len, seed=seed, step=i)
         model(x[rank::world].to(device), y[rank::world].to(device))
-        losses.append(float(_sum_over_ranks(model, model.last_losses["task"].double().reshape(1))) / world)
+        task = parallel.all_reduce(model.last_losses["task"].double().reshape(1), "validation loss")
+        losses.append(float(task) / world)
     model.train(was_training)
     return float(np.mean(losses))
 
 
-def _rank_and_world(model: MoETransformer) -> tuple[int, int]:
-    """(rank, ranks) of an expert-parallel model's group; (0, 1) on one process."""
-    return rank_and_world(model.moe_layers[0].group) if model.expert_parallel else (0, 1)
-
-
-def _sum_over_ranks(model: MoETransformer, x: torch.Tensor) -> torch.Tensor:
-    if model.expert_parallel:
-        x = x.clone()
-        run_collective("sum over ranks", model.moe_layers[0].group, torch.distributed.all_reduce, x)
-    return x
-
-
-def clip_gradients(model: MoETransformer, max_norm: float) -> float:
-    """torch.nn.utils.clip_grad_norm_ over the whole model; on an expert-parallel model the
-    squared norms of the expert shards are summed over the ranks first (collective). -> the norm."""
-    if not model.expert_parallel:
-        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-    names = model.sharded_parameters()
-    sharded = {id(p) for name, p in model.named_parameters() if name in names}
-    squares = torch.zeros(2, dtype=torch.float64, device=model.token_embedding.weight.device)
-    for p in model.parameters():
-        if p.grad is not None:
-            squares[int(id(p) in sharded)] += p.grad.detach().double().square().sum()
-    norm = float((squares[0] + _sum_over_ranks(model, squares[1:])[0]).sqrt())
-    coef = min(max_norm / (norm + 1e-6), 1.0)
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad.mul_(coef)
-    return norm
-
-
 class Trainer:
-    """Owns the model, the optimiser, the step counter and the History; `run` trains."""
+    """Owns the model, the optimiser, the step counter and the History; `run` trains.
 
-    def __init__(self, model: MoETransformer, corpus: Corpus, config: TrainConfig = TrainConfig()):
+    parallel: None (this process alone) or a `minimoe.parallel.Parallel`: the Trainer then makes
+    `model` expert-parallel in place (every rank passes the same model, built with the same seed)
+    and is data parallel over the rest; see the module docstring."""
+
+    def __init__(self, model: MoETransformer, corpus: Corpus, config: TrainConfig = TrainConfig(), parallel=None):
         if not isinstance(model, MoETransformer):
             raise TypeError(f"model must be an MoETransformer, got {type(model).__name__}")
         if corpus.vocab_size != model.config.vocab_size:
             raise ValueError(f"model.config.vocab_size must equal the corpus's {corpus.vocab_size}, "
                              f"got {model.config.vocab_size}")
-        self.rank, self.world = _rank_and_world(model)
+        self.parallel = parallel or SingleProcess()
+        self.rank, self.world = self.parallel.rank, self.parallel.world_size
         if config.micro_batches % self.world:
             raise ValueError(f"micro_batches must be divisible by the {self.world} ranks (each runs micro_batches / "
                              f"ranks shards), got {config.micro_batches}")
-        self.model, self.corpus, self.config = model, corpus, config
+        self.model, self.corpus, self.config = self.parallel.parallelize(model), corpus, config
         params = dict(model.named_parameters())
         decay, no_decay = ([params[name] for name in names] for names in _parameter_groups(model))  # norms: no decay
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
@@ -181,65 +189,55 @@ class Trainer:
 
     def train_step(self) -> None:
         """One optimiser step on batch `self.step`, logged in the History."""
-        model, config = self.model, self.config
+        model, config, parallel = self.model, self.config, self.parallel
         started = time.perf_counter()
         lr = learning_rate(self.step, config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x, y, _ = self.corpus.batch("train", config.batch_size, model.config.seq_len, config.seed, self.step)
-        device = model.token_embedding.weight.device
         M, W = config.micro_batches, self.world
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        losses, loads, dropped = [], [], []  # per shard this rank runs
-        for shard in range(self.rank, M, W):
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(hash((config.seed, self.step, shard)) % 2**63)  # the shard's own noise
-                _, loss = model(x[shard::M].to(device), y[shard::M].to(device))
-            (loss / (M // W)).backward()
-            stats = model.routing_stats()
-            losses.append(torch.stack([model.last_losses[name].double() for name in ("task", "aux", "z")]))
-            loads.append(torch.stack([s.tokens_per_expert for s in stats]).to(device, torch.float64) if stats
-                         else torch.zeros(0, 1, dtype=torch.float64, device=device))
-            dropped.append(torch.tensor([s.dropped_fraction * float(s.tokens_per_expert.sum()) for s in stats],
-                                        dtype=torch.float64, device=device))
-        if W > 1:
-            average_gradients(model, model.moe_layers[0].group)
+        mine = torch.stack([self._forward_backward(x[shard::M], y[shard::M], shard, M // W)
+                            for shard in range(self.rank, M, W)])
+        parallel.average_gradients(model)
         if config.grad_clip > 0:
-            clip_gradients(model, config.grad_clip)
+            parallel.clip_grad_norm(model, config.grad_clip)
         self.optimizer.step()
-        # every shard's numbers on every rank: [W ranks, M / W shards, ...], shard s = rank s % W, slot s // W
-        mine = torch.cat([torch.stack(part).reshape(len(part), -1) for part in (losses, loads, dropped)], 1)
-        rows = self._all_gather(mine)
-        shard_rows = rows.transpose(0, 1).reshape(M, -1)  # shard order
-        n_blocks, E = loads[0].shape
-        shard_losses = shard_rows[:, :3].mean(0)
-        shard_tokens = shard_rows[:, 3:3 + n_blocks * E].reshape(M, n_blocks, E)
-        tokens = shard_tokens.sum(0)  # [n_blocks, E]
+
+        # every shard's row on every rank: [W ranks, M / W slots, ...], shard s = rank s % W, slot s // W
+        rows = parallel.all_gather(mine, "gather step statistics").transpose(0, 1).reshape(M, -1)
+        n_blocks, E = len(model.moe_layers), model.config.num_experts
+        shard_load = rows[:, 3:3 + n_blocks * E].reshape(M, n_blocks, E)
+        load, dropped = shard_load.sum(0), rows[:, 3 + n_blocks * E:].sum(0)  # [n_blocks, E], [n_blocks]
         if n_blocks:
-            model.update_router_biases(list(sum(loads).to(torch.int64)))  # this rank's; summed over ranks inside
+            model.update_router_biases(list(load.to(torch.int64)))  # all ranks' loads: equal biases everywhere
+        task, aux, z = rows[:, :3].mean(0).tolist()
         h = self.history
         h.step.append(self.step)
         h.lr.append(lr)
-        h.loss.append(float(shard_losses[0]))
-        h.aux_loss.append(float(shard_losses[1]))
-        h.z_loss.append(float(shard_losses[2]))
-        h.load.append((tokens / tokens.sum(-1, keepdim=True).clamp(min=1)).tolist() if n_blocks else [])
-        h.dropped_fraction.append((shard_rows[:, 3 + n_blocks * E:].sum(0)
-                                   / tokens.sum(-1).clamp(min=1)).tolist() if n_blocks else [])
-        h.shard_load.append((shard_tokens / shard_tokens.sum(-1, keepdim=True).clamp(min=1)).tolist()
-                            if n_blocks else [[]] * M)
+        h.loss.append(task)
+        h.aux_loss.append(aux)
+        h.z_loss.append(z)
+        h.load_share.append((load / load.sum(-1, keepdim=True).clamp(min=1)).tolist())
+        h.dropped_fraction.append((dropped / load.sum(-1).clamp(min=1)).tolist())
+        h.shard_load_share.append((shard_load / shard_load.sum(-1, keepdim=True).clamp(min=1)).tolist())
         h.tokens_per_s.append(x.numel() / (time.perf_counter() - started))
         self.step += 1
 
-    def _all_gather(self, mine: torch.Tensor) -> torch.Tensor:
-        """[...] on every rank -> [W, ...] in rank order (collective); [1, ...] on one process."""
-        if self.world == 1:
-            return mine[None]
-        rows = [torch.empty_like(mine) for _ in range(self.world)]
-        run_collective("gather step statistics", self.model.moe_layers[0].group, torch.distributed.all_gather,
-                       rows, mine.contiguous())
-        return torch.stack(rows)
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, shard: int, shards_here: int) -> torch.Tensor:
+        """Forward and backward of one shard -> its row of statistics, float64: the task, aux and
+        z losses, then per MoE block the load [E], then per MoE block the dropped assignments."""
+        model, device = self.model, self.model.token_embedding.weight.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(hash((self.config.seed, self.step, shard)) % 2**63)  # the shard's own noise
+            _, loss = model(x.to(device), y.to(device))
+        (loss / shards_here).backward()
+        stats = model.routing_stats()
+        parts = [model.last_losses[name].double().reshape(1) for name in ("task", "aux", "z")]
+        parts += [s.load.to(device, torch.float64) for s in stats]
+        parts.append(torch.tensor([float(s.dropped) for s in stats], dtype=torch.float64, device=device))
+        return torch.cat(parts)
 
     def run(self, steps: int | None = None, progress: bool = True) -> History:
         """Train `steps` more steps (default: up to config.steps), validating every eval_every
@@ -253,66 +251,44 @@ class Trainer:
             bar.update()
             bar.set_postfix(loss=f"{self.history.loss[-1]:.3f}")
             out_of_time = config.max_seconds is not None and time.perf_counter() - started >= config.max_seconds
-            if config.max_seconds is not None and self.world > 1:  # stop together, or collectives mismatch
-                votes = _sum_over_ranks(self.model, torch.tensor([float(out_of_time)], device=device))
+            if config.max_seconds is not None:  # stop together, or collectives mismatch
+                votes = self.parallel.all_reduce(torch.tensor([float(out_of_time)], device=device), "stop vote")
                 out_of_time = bool(votes[0] > 0)
             if self.step % config.eval_every == 0 or self.step == config.steps or out_of_time:
                 self.history.val_step.append(self.step)
                 self.history.val_loss.append(evaluate(self.model, self.corpus, config.eval_batches,
-                                                      config.batch_size, seed=config.seed))
+                                                      config.batch_size, seed=config.seed, parallel=self.parallel))
             if out_of_time:
                 break
         bar.close()
         return self.history
 
     def save(self, path) -> None:
-        """Everything `load` needs to continue exactly where this run stands. An expert-parallel
-        run (collective: every rank calls it) gathers the expert shards, weights and AdamW
-        moments, into the single-process checkpoint, which rank 0 writes."""
-        model_state, optimizer_state = self.model.full_state_dict(), self._resharded_optimizer_state(gather=True)
+        """Everything `load` needs to continue exactly where this run stands. A parallel run
+        (collective: every rank calls it) gathers the expert shards, weights and AdamW moments,
+        into the single-process checkpoint, which rank 0 writes."""
+        names = sum(_parameter_groups(self.model), [])
+        model_state = self.parallel.full_state_dict(self.model)
+        optimizer_state = self.parallel.gather_optimizer_state(self.model, self.optimizer.state_dict(), names)
         if self.rank == 0:
             torch.save({"model_config": asdict(self.model.config), "train_config": asdict(self.config),
                         "model": model_state, "optimizer": optimizer_state, "step": self.step,
                         "history": asdict(self.history), "rng": torch.get_rng_state()}, path)
 
-    def _resharded_optimizer_state(self, state: dict | None = None, gather: bool = False) -> dict:
-        """gather=True: this optimizer's state -> the single-process model's (expert moments
-        gathered, collective). gather=False: a single-process `state` -> this rank's."""
-        state = self.optimizer.state_dict() if gather else state
-        model = self.model
-        if not model.expert_parallel:
-            return state
-        with torch.device("meta"):
-            single = sum(_parameter_groups(MoETransformer(model.config)), [])
-        here = sum(_parameter_groups(model), [])
-        source, target = (here, single) if gather else (single, here)
-        index = {name: i for i, name in enumerate(target)}
-        sharded = model.sharded_parameters()
-        moved = {}
-        for i, moments in state["state"].items():
-            name = source[i]
-            if name in sharded:
-                layer = sharded[name]
-                first = layer.rank * layer.num_local_experts
-                moments = {key: (MoETransformer.gather_shards(value, layer) if gather
-                                 else value[first:first + layer.num_local_experts]) if value.dim() else value
-                           for key, value in moments.items()}
-            moved[index[name]] = moments
-        return {"state": moved, "param_groups": state["param_groups"]}
-
     @classmethod
-    def load(cls, path, corpus: Corpus, expert_parallel: bool = False, group=None, device=None,
-             **changes) -> "Trainer":
-        """The Trainer `save` wrote, on one process; expert_parallel=True shards it over `group`
-        (collective: every rank loads the same file). device: where the model goes (default CPU).
-        changes: TrainConfig fields to change (e.g. steps=600, or micro_batches for more ranks)."""
+    def load(cls, path, corpus: Corpus, parallel=None, device=None, **changes) -> "Trainer":
+        """The Trainer `save` wrote, on one process, or re-sharded over `parallel` (a
+        `minimoe.parallel.Parallel`; collective: every rank loads the same file). device: where
+        the model goes (default CPU). changes: TrainConfig fields to change (e.g. steps=600, or
+        micro_batches for more ranks)."""
         checkpoint = torch.load(path, weights_only=True, map_location="cpu")
         model = MoETransformer(MoETransformerConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])
-        if expert_parallel:
-            model.to_expert_parallel(group)
-        trainer = cls(model.to(device), corpus, replace(TrainConfig(**checkpoint["train_config"]), **changes))
-        trainer.optimizer.load_state_dict(trainer._resharded_optimizer_state(checkpoint["optimizer"]))
+        trainer = cls(model.to(device), corpus, replace(TrainConfig(**checkpoint["train_config"]), **changes),
+                      parallel)
+        names = sum(_parameter_groups(trainer.model), [])
+        trainer.optimizer.load_state_dict(
+            trainer.parallel.shard_optimizer_state(trainer.model, checkpoint["optimizer"], names))
         trainer.step = checkpoint["step"]
         trainer.history = History(**checkpoint["history"])
         torch.set_rng_state(checkpoint["rng"])
@@ -344,8 +320,3 @@ def steps_for_budget(model: MoETransformer, corpus: Corpus, config: TrainConfig,
         durations.append(time.perf_counter() - started)
     return max(1, int(seconds / float(np.median(durations))))
 
-
-if __name__ == "__main__":  # python -m minimoe.train: the command line of minimoe.train_cli
-    from minimoe.train_cli import main
-
-    main()

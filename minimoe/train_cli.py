@@ -2,10 +2,10 @@
 parallelism for everything replicated (embeddings, attention, norms, routers, dense FFNs) and
 expert parallelism for the experts (chapter 12).
 
-    python -m minimoe.train --steps 300 --out run                      # one process
-    torchrun --nproc-per-node=2 -m minimoe.train --steps 40 --out run  # 2 CPU processes, gloo
+    minimoe train --steps 300 --out run                                # one process
+    torchrun --nproc-per-node=2 -m minimoe train --steps 40 --out run  # 2 CPU processes, gloo
     torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
-        -m minimoe.train --backend nccl --out run                      # 16 GPUs, one per rank
+        -m minimoe train --backend nccl --out run                      # 16 GPUs, one per rank
 
 Each global batch of --batch-size rows is cut into --micro-batches shards (default: one per
 rank); rank r runs the shards s with s % W == r. A one-process run with the same
@@ -23,13 +23,14 @@ import torch
 import torch.distributed as dist
 
 from minimoe.data import load_corpus
-from minimoe.model import ROUTERS, MoETransformer, MoETransformerConfig
-from minimoe.parallel.__main__ import init
+from minimoe.model import MODEL_ROUTERS, MoETransformer, MoETransformerConfig
+from minimoe.parallel import Parallel
+from minimoe.parallel.comm import init_process_group
 from minimoe.train import TrainConfig, Trainer
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m minimoe.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="minimoe train", description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
                    help="auto: nccl when CUDA GPUs are present, else gloo on CPU")
     p.add_argument("--out", type=Path, default=Path("run"), help="folder for checkpoint.pt and history.json")
@@ -43,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, default in (("seq_len", 64), ("d_model", 64), ("n_layers", 2), ("n_heads", 4), ("d_hidden", 64),
                           ("num_experts", 8), ("k", 2), ("moe_every", 1), ("num_shared_experts", 0)):
         model.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
-    model.add_argument("--router", choices=ROUTERS, default="topk")
+    model.add_argument("--router", choices=MODEL_ROUTERS, default="topk")
     model.add_argument("--capacity-factor", type=float, default=None, help="default: dropless")
     model.add_argument("--aux-loss-coef", type=float, default=0.01)
     model.add_argument("--z-loss-coef", type=float, default=1e-3)
@@ -85,17 +86,17 @@ def write_history(trainer: Trainer, args: argparse.Namespace) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     args.backend = ("nccl" if torch.cuda.is_available() else "gloo") if args.backend == "auto" else args.backend
-    device = init(args.backend, args.timeout)
+    device = init_process_group(args.backend, args.timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
+    parallel = Parallel() if world > 1 else None
     corpus, checkpoint = load_corpus(), args.out / "checkpoint.pt"
     if args.resume:
         changes = {name: getattr(args, name) for name in ("steps", "micro_batches") if getattr(args, name) is not None}
-        trainer = Trainer.load(checkpoint, corpus, expert_parallel=world > 1, device=device, **changes)
+        trainer = Trainer.load(checkpoint, corpus, parallel=parallel, device=device, **changes)
     else:
         model_config, train_config = configs(args, world)
         torch.manual_seed(args.seed)  # the same on every rank: equal replicated weights, and the shards of one model
-        model = MoETransformer(model_config)
-        trainer = Trainer((model.to_expert_parallel() if world > 1 else model).to(device), corpus, train_config)
+        trainer = Trainer(MoETransformer(model_config).to(device), corpus, train_config, parallel=parallel)
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         model = trainer.model

@@ -1,6 +1,7 @@
 """What each rank runs in tests/test_ep_training.py (spawned processes import this module, not
-the test module): a tiny MoETransformer made expert-parallel, trained by Trainer on a gloo
-group, checkpointed halfway; results written as JSON, one file per rank."""
+the test module): a tiny MoETransformer trained by a Trainer with parallel=Parallel() (which
+makes it expert-parallel) on a gloo group, checkpointed halfway; results written as JSON, one
+file per rank."""
 
 import functools
 from dataclasses import asdict
@@ -11,7 +12,7 @@ from gloo_ranks import run_jobs
 
 from minimoe.data import load_corpus
 from minimoe.model import MoETransformer, MoETransformerConfig
-from minimoe.parallel import ExpertParallelMoE
+from minimoe.parallel import ExpertParallelExperts, Parallel
 from minimoe.train import TrainConfig, Trainer
 
 TINY = dict(seq_len=32, d_model=32, n_layers=2, n_heads=4, d_hidden=32, num_experts=4, k=2)
@@ -25,20 +26,20 @@ RUNS = {"topk": dict(TINY), "sigmoid_bias": dict(TINY, router="sigmoid_bias", bi
 
 def train(name: str, out_dir: str) -> dict:
     torch.manual_seed(0)
-    model = MoETransformer(MoETransformerConfig(**RUNS[name])).to_expert_parallel()
-    trainer = Trainer(model, load_corpus(), TRAIN)
+    trainer = Trainer(MoETransformer(MoETransformerConfig(**RUNS[name])), load_corpus(), TRAIN, parallel=Parallel())
+    model = trainer.model
     trainer.run(steps=HALF, progress=False)
     trainer.save(Path(out_dir, f"{name}.pt"))
     trainer.run(progress=False)
-    resumed = Trainer.load(Path(out_dir, f"{name}.pt"), load_corpus(), expert_parallel=True)  # re-sharded
+    resumed = Trainer.load(Path(out_dir, f"{name}.pt"), load_corpus(), parallel=Parallel())  # re-sharded
     resumed.run(progress=False)
     return dict(history=asdict(trainer.history), resumed_loss=resumed.history.loss, params=model.num_params(),
                 active_params=model.num_params(active=True), held_params=sum(p.numel() for p in model.parameters()),
-                layer_types=[type(layer).__name__ for layer in model.moe_layers],
-                all_expert_parallel=all(isinstance(layer, ExpertParallelMoE) for layer in model.moe_layers),
+                expert_types=[type(layer.experts).__name__ for layer in model.moe_layers],
+                all_expert_parallel=all(isinstance(layer.experts, ExpertParallelExperts) for layer in model.moe_layers),
                 biases=[layer.router.expert_bias.tolist() for layer in model.moe_layers
                         if getattr(layer.router, "expert_bias", None) is not None],
-                stats_tokens=[int(s.tokens_per_expert.sum()) for s in model.routing_stats()])
+                stats_tokens=[int(s.load.sum()) for s in model.routing_stats()])
 
 
 def run(rank: int, world: int, store: str, out_dir: str) -> None:

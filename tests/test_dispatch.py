@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minimoe.dispatch import POLICIES, expert_capacity, make_plan, permute, unpermute
+from minimoe.dispatch import DROP_POLICIES, expert_capacity, make_plan, permute, unpermute
 from minimoe.reference import kept_assignments
 from minimoe.routing import Routing
 
@@ -133,7 +133,7 @@ def cases(draw, *, capacity=True, mask="maybe", policy=None, unit_weights=False)
         weights=weights,
         mask=in_use if mask == "always" or (mask == "maybe" and draw(st.booleans())) else None,
         capacity=draw(st.none() | st.integers(0, T * k)) if capacity else None,
-        policy=policy or draw(st.sampled_from(POLICIES)),
+        policy=policy or draw(st.sampled_from(DROP_POLICIES)),
     )
 
 

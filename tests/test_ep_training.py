@@ -16,7 +16,9 @@ from ep_training_workers import HALF, RUNS, TINY, TRAIN
 from gloo_ranks import spawn
 
 from minimoe.data import load_corpus
+from minimoe.experts import Experts
 from minimoe.model import MoETransformer, MoETransformerConfig
+from minimoe.parallel import Parallel, parallelize
 from minimoe.train import TrainConfig, Trainer
 from minimoe.train_cli import configs, parse_args
 
@@ -67,17 +69,18 @@ def test_two_ranks_train_like_one_process(ranks, reference, name):
     for rank, result in enumerate(_results(ranks, name)):
         h = result["history"]
         assert h["step"] == list(range(TRAIN.steps)) and h["val_step"] == [3, 6]
-        for field in ("loss", "aux_loss", "z_loss", "val_loss", "load", "shard_load", "dropped_fraction", "lr"):
+        for field in ("loss", "aux_loss", "z_loss", "val_loss", "load_share", "shard_load_share", "dropped_fraction",
+                      "lr"):
             assert _close(h[field], getattr(expected, field)) <= ATOL, (rank, field)
         assert h["loss"][-1] < h["loss"][0]  # it learns
 
 
 def test_shard_loads_are_the_per_rank_routing(ranks):
     rank0, rank1 = _results(ranks, "topk")
-    shard_load = np.asarray(rank0["history"]["shard_load"])  # [steps, shards, blocks, E]
+    shard_load = np.asarray(rank0["history"]["shard_load_share"])  # [steps, shards, blocks, E]
     assert shard_load.shape == (TRAIN.steps, 2, 2, 4)
     assert not np.allclose(shard_load[:, 0], shard_load[:, 1])  # the ranks route different tokens
-    assert np.allclose(shard_load.mean(1), rank0["history"]["load"])  # equal shard sizes: the mean is the load
+    assert np.allclose(shard_load.mean(1), rank0["history"]["load_share"])  # equal shard sizes: mean = batch share
     # routing_stats() stays per rank: the last shard's 4 rows x 32 positions x k=2 copies per block
     assert rank0["stats_tokens"] == rank1["stats_tokens"] == [4 * 32 * 2] * 2
 
@@ -86,7 +89,7 @@ def test_model_api_on_ranks(ranks):
     single = MoETransformer(MoETransformerConfig(**TINY))
     expert_weights = 2 * 3 * 4 * 32 * 32  # blocks x (w_gate, w_up, w_down) x E x d x h
     for result in _results(ranks, "topk"):
-        assert result["layer_types"] == ["ExpertParallelMoE"] * 2 and result["all_expert_parallel"]
+        assert result["expert_types"] == ["ExpertParallelExperts"] * 2 and result["all_expert_parallel"]
         assert result["params"] == single.num_params()  # the whole model, on every rank
         assert result["active_params"] == single.num_params(active=True)
         assert result["held_params"] == single.num_params() - expert_weights // 2
@@ -104,7 +107,7 @@ def test_router_biases_stay_identical_across_ranks(ranks, reference):
 def test_a_two_rank_checkpoint_resumes_on_one_process(ranks, reference, corpus, name):
     _, folder = ranks
     trainer = Trainer.load(folder / f"{name}.pt", corpus)
-    assert trainer.step == HALF and not trainer.model.expert_parallel
+    assert trainer.step == HALF and all(type(layer.experts) is Experts for layer in trainer.model.moe_layers)
     assert trainer.model.moe_layers[0].experts.w_up.shape[0] == 4  # all experts, gathered
     trainer.run(progress=False)
     expected, ep = reference[name].history, _results(ranks, name)[0]["history"]
@@ -116,7 +119,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_process(ranks, reference, corpus, 
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_a_checkpoint_resumes_resharded_over_two_ranks(ranks, name):
-    """Trainer.load(expert_parallel=True): the single-process checkpoint is cut into expert shards
+    """Trainer.load(parallel=Parallel()): the single-process checkpoint is cut into expert shards
     (weights and Adam moments) and continues exactly as the uninterrupted 2-rank run."""
     for result in _results(ranks, name):
         assert _close(result["resumed_loss"], result["history"]["loss"]) <= ATOL
@@ -145,9 +148,11 @@ def test_micro_batches_are_checked(corpus):
 
 def test_expert_parallel_needs_a_process_group_and_experts():
     with pytest.raises(RuntimeError, match="initialised process group"):
-        MoETransformer(MoETransformerConfig(**TINY)).to_expert_parallel()
-    with pytest.raises(ValueError, match="dense model"):
-        MoETransformer(MoETransformerConfig(**TINY).dense_equivalent()).to_expert_parallel()
+        parallelize(MoETransformer(MoETransformerConfig(**TINY)))
+    with pytest.raises(RuntimeError, match="initialised process group"):
+        Parallel()
+    with pytest.raises(ValueError, match="model must contain an MoELayer to parallelize, got a MoETransformer"):
+        parallelize(MoETransformer(MoETransformerConfig(**TINY).dense_equivalent()))
 
 
 def test_command_line_arguments():

@@ -132,7 +132,7 @@ def test_layer_load_is_the_table_count_of_the_ids():
     ids = random_ids()
     layer(random_input(X_SHAPE), ids)
     expected = torch.bincount(layer.router.table[ids.reshape(-1)].reshape(-1), minlength=NUM_EXPERTS)
-    assert torch.equal(layer.stats.tokens_per_expert, expected)
+    assert torch.equal(layer.stats.load, expected)
 
 
 # ---------------------------------------------------------------------------------------------

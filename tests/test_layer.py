@@ -20,9 +20,11 @@ X_SHAPE = (2, 12, D_MODEL)  # 24 tokens
 
 
 def build_layer(seed: int = 0, **kwargs) -> MoELayer:
+    """An MoELayer of the test's shapes, top-2 unless kwargs give a router (which holds k)."""
     torch.manual_seed(seed)
-    config = dict(d_model=D_MODEL, d_hidden=D_HIDDEN, num_experts=NUM_EXPERTS, k=2) | kwargs
-    return MoELayer(**config)
+    config = dict(d_model=D_MODEL, d_hidden=D_HIDDEN, num_experts=NUM_EXPERTS)
+    config |= {} if "router" in kwargs else {"k": 2}
+    return MoELayer(**config | kwargs)
 
 
 def random_input(shape=X_SHAPE, dtype=torch.float32, seed: int = 1) -> torch.Tensor:
@@ -237,10 +239,10 @@ def test_stats_count_routed_and_dropped_assignments(capacity_factor, drop_policy
     capacity = None if capacity_factor is None else math.ceil(k * T * capacity_factor / NUM_EXPERTS)
     kept = kept_assignments(routing, NUM_EXPERTS, capacity, drop_policy)
     stats = layer.stats
-    assert int(stats.tokens_per_expert.sum()) == T * k
-    assert stats.tokens_per_expert.tolist() == [routing.expert_idx.reshape(-1).tolist().count(e)
-                                                for e in range(NUM_EXPERTS)]
-    torch.testing.assert_close(stats.load, stats.tokens_per_expert.double() / (T * k))
+    assert int(stats.load.sum()) == T * k
+    assert stats.load.tolist() == [routing.expert_idx.reshape(-1).tolist().count(e) for e in range(NUM_EXPERTS)]
+    torch.testing.assert_close(stats.load_share, stats.load.double() / (T * k))
+    assert stats.dropped == T * k - len(kept)
     assert stats.dropped_fraction == pytest.approx(1 - len(kept) / (T * k))
     assert (stats.dropped_fraction > 0) == (capacity_factor is not None)  # both factors drop here
 
@@ -253,9 +255,44 @@ def test_load_entropy_of_even_and_collapsed_load(hot_experts, entropy):
     with torch.no_grad():
         layer.router.proj.weight.copy_(10 * F.one_hot(target, NUM_EXPERTS).t())
     layer(torch.eye(NUM_EXPERTS).repeat(3, 1))
-    assert layer.stats.tokens_per_expert.tolist() == [3 * NUM_EXPERTS // hot_experts] * hot_experts + [0] * (
+    assert layer.stats.load.tolist() == [3 * NUM_EXPERTS // hot_experts] * hot_experts + [0] * (
         NUM_EXPERTS - hot_experts)
     assert layer.stats.load_entropy == pytest.approx(entropy)
+
+
+# ---------------------------------------------------------------------------------------------
+# the layer remembers its routing: last_routing, last_plan, and stats computed from them
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("capacity_factor", "drop_policy"), [(None, "position"), (0.5, "position"), (0.75, "score")])
+def test_last_routing_and_last_plan_are_the_decision_of_the_call(capacity_factor, drop_policy):
+    layer = build_layer(k=2, capacity_factor=capacity_factor, drop_policy=drop_policy).eval()
+    x = random_input()
+    assert layer.last_routing is None and layer.last_plan is None and layer.stats is None
+    layer(x)
+    routing, plan = layer.last_routing, layer.last_plan
+    fresh = layer.router(tokens_of(x))  # eval mode: the same decision again
+    for got, want in zip(_routing_fields(routing), _routing_fields(fresh), strict=True):
+        assert torch.equal(got, want.detach())
+    assert not (routing.logits.requires_grad or routing.probs.requires_grad or routing.weights.requires_grad)
+    T, k = routing.expert_idx.shape
+    capacity = None if capacity_factor is None else math.ceil(k * T * capacity_factor / NUM_EXPERTS)
+    kept = kept_assignments(routing, NUM_EXPERTS, capacity, drop_policy)  # the per-assignment reference
+    assert {tuple(tj) for tj in plan.kept.nonzero().tolist()} == kept
+    kept_experts = [int(routing.expert_idx[t, j]) for t, j in kept]
+    assert plan.tokens_per_expert.tolist() == [kept_experts.count(e) for e in range(NUM_EXPERTS)]
+    assert layer.stats.load.tolist() == [routing.expert_idx.reshape(-1).tolist().count(e) for e in range(NUM_EXPERTS)]
+    assert layer.stats.dropped == T * k - len(kept)
+
+
+def test_the_next_call_replaces_the_routing_and_its_stats():
+    layer = build_layer(router=ExpertChoiceRouter(D_MODEL, NUM_EXPERTS, capacity_factor=1.0))
+    layer(random_input((16, D_MODEL)))
+    first = layer.stats
+    assert first.tokens == 16 and layer.last_routing.mask is not None
+    layer(random_input((40, D_MODEL), seed=3))
+    assert layer.stats is not first and layer.stats.tokens == 40 and layer.last_plan.kept.shape[0] == 40
+    assert layer.stats.load.tolist() == [5] * NUM_EXPERTS  # expert choice: ceil(40 / 8) tokens each
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +319,7 @@ def test_expert_choice_layer_loads_every_expert_to_capacity():
     layer = build_layer(router=ExpertChoiceRouter(D_MODEL, NUM_EXPERTS, capacity_factor=2.0))
     layer(random_input())
     capacity = math.ceil(24 * 2.0 / NUM_EXPERTS)
-    assert layer.stats.tokens_per_expert.tolist() == [capacity] * NUM_EXPERTS
+    assert layer.stats.load.tolist() == [capacity] * NUM_EXPERTS
     assert layer.stats.dropped_fraction == 0
     assert layer.stats.load_entropy == pytest.approx(1.0)
 
@@ -399,7 +436,8 @@ def test_noisy_top_k_router_eval_weights_are_softmax_over_the_top_k_logits():
     (dict(router=TopKRouter(D_MODEL, NUM_EXPERTS // 2, 2)), ValueError, r"router"),
     (dict(router=TopKRouter(D_MODEL + 1, NUM_EXPERTS, 2)), ValueError, r"router"),
     (dict(router=nn.Linear(D_MODEL, NUM_EXPERTS)), TypeError, r"router"),
-    (dict(router=TopKRouter(D_MODEL, NUM_EXPERTS, 1)), ValueError, r"router\.k"),
+    (dict(k=2, router=TopKRouter(D_MODEL, NUM_EXPERTS, 1)), ValueError, r"router\.k"),
+    (dict(k=1, router=ExpertChoiceRouter(D_MODEL, NUM_EXPERTS)), ValueError, r"router\.k"),
     (dict(router=ExpertChoiceRouter(D_MODEL, NUM_EXPERTS), capacity_factor=1.0), ValueError,
      r"capacity_factor"),
     (dict(activation="tanh"), ValueError, r"activation"),
@@ -408,8 +446,8 @@ def test_noisy_top_k_router_eval_weights_are_softmax_over_the_top_k_logits():
     (dict(num_shared_experts=-1), ValueError, r"num_shared_experts"),
     (dict(d_hidden=0), ValueError, r"d_hidden"),
 ], ids=["k_gt_E", "k_zero", "cf_zero", "cf_negative", "router_num_experts", "router_d_model", "router_type",
-        "router_k", "expert_choice_with_cf", "activation", "backend", "drop_policy", "shared_negative",
-        "d_hidden"])
+        "router_k", "expert_choice_k", "expert_choice_with_cf", "activation", "backend", "drop_policy",
+        "shared_negative", "d_hidden"])
 def test_layer_rejects_bad_config(kwargs, error, argument):
     with pytest.raises(error, match=rf"\b{argument}\b"):
         build_layer(**kwargs)
@@ -434,7 +472,7 @@ def test_layer_forward_rejects_bad_input(x, error):
     (lambda: NoisyTopKRouter(D_MODEL, 4, 5), ValueError, "k"),
     (lambda: ExpertChoiceRouter(D_MODEL, 4, capacity_factor=0), ValueError, "capacity_factor"),
     (lambda: TopKRouter(D_MODEL, 4, 2, bias_update_rate=0.1).update_bias(torch.ones(3)), ValueError,
-     "tokens_per_expert"),
+     "load"),
     (lambda: TopKRouter(D_MODEL, 4, 2)(torch.randn(3, D_MODEL - 1)), ValueError, "x"),
 ], ids=["k_gt_E", "k_zero", "score", "noise_std", "bias_rate", "noisy_k_gt_E", "expert_choice_cf",
         "update_bias_shape", "forward_d_model"])
@@ -450,7 +488,7 @@ def test_a_call_with_no_tokens_drops_nothing_and_adds_no_loss():
     out = layer(x)
     assert out.shape == (0, D_MODEL)
     assert layer.aux_loss.item() == 0.0 and layer.z_loss.item() == 0.0
-    assert layer.stats.dropped_fraction == 0.0 and layer.stats.tokens_per_expert.sum() == 0
+    assert layer.stats.dropped_fraction == 0.0 and layer.stats.load.sum() == 0
     (out.sum() + layer.aux_loss + layer.z_loss).backward()  # still differentiable
 
 

@@ -7,14 +7,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minimoe import load_balancing_loss, router_z_loss
+from minimoe import Routing, load_balancing_loss, make_plan, router_z_loss
 from minimoe.metrics import (
     coefficient_of_variation,
+    dead_expert_ids,
     dead_experts,
     expert_load,
     load_entropy,
     max_violation,
     mutual_information,
+    routing_stats,
     specialization,
 )
 
@@ -131,9 +133,50 @@ def test_load_entropy_hand_computed():
     assert load_entropy([2, 1, 1]) == pytest.approx(1.5 / math.log2(3))
 
 
-def test_dead_experts_lists_the_empty_ones():
-    assert dead_experts(torch.tensor([3, 0, 1, 0])).tolist() == [1, 3]
-    assert dead_experts(torch.tensor([1, 1])).tolist() == []
+def test_dead_experts_counts_and_dead_expert_ids_lists_the_empty_ones():
+    load = torch.tensor([3, 0, 1, 0])
+    assert dead_experts(load) == 2 and dead_expert_ids(load).tolist() == [1, 3]
+    assert dead_experts(torch.tensor([1, 1])) == 0 and dead_expert_ids(torch.tensor([1, 1])).tolist() == []
+
+
+def _routing(logits, expert_idx, mask=None) -> Routing:
+    logits = torch.as_tensor(logits, dtype=torch.float32)
+    weights = torch.full(expert_idx.shape, 0.5)
+    return Routing(logits, logits.softmax(-1), expert_idx, weights, mask)
+
+
+def test_routing_stats_hand_computed():
+    # T=3, E=4, k=2: assignments 0,1 | 0,2 | 0,1 -> load (3, 2, 1, 0); capacity 2 drops expert 0's third
+    expert_idx = torch.tensor([[0, 1], [0, 2], [0, 1]])
+    routing = _routing([[3.0, 1, 0, -1], [2, 0, 1, 0], [4, 2, 0, 0]], expert_idx)
+    stats = routing_stats(routing, make_plan(expert_idx, 4, capacity=2))
+    assert stats.tokens == 3 and stats.load.tolist() == [3, 2, 1, 0]
+    assert stats.load_share.tolist() == pytest.approx([3 / 6, 2 / 6, 1 / 6, 0])
+    assert (stats.dropped, stats.dropped_fraction) == (1, pytest.approx(1 / 6))
+    entropy = (0.5 * math.log(2) + math.log(3) / 3 + math.log(6) / 6) / math.log(4)  # H(1/2, 1/3, 1/6) / log 4
+    assert stats.load_entropy == pytest.approx(entropy)
+    assert stats.dead_experts == 1
+    assert stats.max_violation == pytest.approx((3 - 1.5) / 1.5)
+    assert stats.cv == pytest.approx(math.sqrt((1.5**2 + 0.5**2 + 0.5**2 + 1.5**2) / 4) / 1.5)
+    assert stats.logit_max == 4.0
+    assert stats.logit_rms == pytest.approx(math.sqrt((9 + 1 + 1 + 4 + 1 + 16 + 4) / 12))
+    assert routing_stats(routing).dropped == 0  # no plan: nothing dropped
+
+
+def test_routing_stats_count_only_the_used_slots_of_a_mask():
+    expert_idx = torch.tensor([[1, 0], [1, 1]])
+    mask = torch.tensor([[True, False], [True, False]])  # expert choice: token 0 and 1 got expert 1 only
+    stats = routing_stats(_routing([[0.0, 1.0], [0.0, 2.0]], expert_idx, mask))
+    assert stats.load.tolist() == [0, 2] and stats.dead_experts == 1 and stats.load_entropy == 0.0
+
+
+def test_routing_stats_of_no_tokens_is_even_and_drops_nothing():
+    stats = routing_stats(_routing(torch.zeros(0, 4), torch.zeros(0, 2, dtype=torch.long)))
+    assert stats.tokens == 0 and stats.load.tolist() == [0] * 4 and stats.load_share.tolist() == [0.25] * 4
+    assert (stats.dropped, stats.dropped_fraction, stats.load_entropy, stats.dead_experts) == (0, 0.0, 1.0, 0)
+    assert math.isnan(stats.logit_max) and math.isnan(stats.logit_rms)
+    with pytest.raises(TypeError, match="routing must be a minimoe.routing.Routing"):
+        routing_stats(torch.zeros(3, 4))
 
 
 def test_max_violation_and_cv_hand_computed():

@@ -81,16 +81,22 @@ def test_a_position_sees_only_itself_and_earlier_positions():
 
 
 def test_routing_stats_and_expert_choices_describe_the_last_call():
+    """Against the top-2 of each block's logits, computed here from the block's input."""
     torch.manual_seed(2)
     model = MoETransformer(MoETransformerConfig(**SMALL, num_experts=6, k=2))
     idx = torch.randint(50, (3, 10))
+    inputs = []
+    hooks = [layer.register_forward_pre_hook(lambda _layer, args: inputs.append(args[0])) for layer in model.moe_layers]
     choices = model.expert_choices(idx)
+    for hook in hooks:
+        hook.remove()
     stats = model.routing_stats()
-    assert len(choices) == len(stats) == 3
-    for chosen, stat in zip(choices, stats, strict=True):
-        assert chosen.shape == (3, 10, 2)
-        assert torch.equal(torch.bincount(chosen.reshape(-1), minlength=6), stat.tokens_per_expert)
-        assert stat.tokens_per_expert.sum() == 3 * 10 * 2 and stat.dropped_fraction == 0
+    assert len(choices) == len(stats) == len(inputs) == 3
+    for chosen, stat, x, layer in zip(choices, stats, inputs, model.moe_layers, strict=True):
+        expected = (x @ layer.router.proj.weight.T).topk(2, dim=-1).indices
+        assert chosen.shape == (3, 10, 2) and torch.equal(chosen, expected)
+        assert stat.load.tolist() == [expected.reshape(-1).tolist().count(e) for e in range(6)]
+        assert stat.tokens == 30 and stat.dropped == 0 and stat.dropped_fraction == 0
 
 
 def test_router_biases_move_only_for_the_bias_router():
@@ -98,7 +104,7 @@ def test_router_biases_move_only_for_the_bias_router():
     idx = torch.randint(50, (4, 16))
     sig = MoETransformer(MoETransformerConfig(**SMALL, router="sigmoid_bias", bias_update_rate=0.05))
     sig(idx)
-    loads = [stat.tokens_per_expert.float() for stat in sig.routing_stats()]
+    loads = [stat.load.float() for stat in sig.routing_stats()]
     sig.update_router_biases()
     for layer, load in zip(sig.moe_layers, loads, strict=True):
         assert torch.allclose(layer.router.expert_bias, 0.05 * torch.sign(load.mean() - load))

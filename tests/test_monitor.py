@@ -91,7 +91,7 @@ def test_records_equal_the_metrics_computed_by_hand_from_the_same_routing(capaci
 
 def test_expert_choice_records_count_only_the_filled_slots():
     torch.manual_seed(0)
-    layer = MoELayer(D, H, E, k=1, router=ExpertChoiceRouter(D, E, capacity_factor=1.0))
+    layer = MoELayer(D, H, E, router=ExpertChoiceRouter(D, E, capacity_factor=1.0))
     x = torch.randn(12, D)
     with RoutingMonitor(layer) as monitor:
         layer(x)
@@ -108,7 +108,7 @@ def test_a_noisy_router_is_recorded_as_it_routed():
     with RoutingMonitor(layer) as monitor:
         for _ in range(3):
             layer(torch.randn(40, D))
-            assert monitor.records[-1]["load"] == layer.stats.tokens_per_expert.tolist()
+            assert monitor.records[-1]["load"] == layer.stats.load.tolist()
 
 
 def test_routing_record_rejects_bad_input():
@@ -136,7 +136,7 @@ def test_transformer_layers_are_recorded_in_order_and_match_their_stats():
     assert monitor.layers == model.moe_layers
     assert [r["layer"] for r in monitor.records] == [0, 1]
     for record, stats in zip(monitor.records, model.routing_stats(), strict=True):
-        assert record["load"] == stats.tokens_per_expert.tolist()
+        assert record["load"] == stats.load.tolist()
         share = [n / 32 for n in record["load"]]  # 16 tokens x k=2
         assert record["load_entropy"] == pytest.approx(-sum(p * math.log(p) for p in share if p) / math.log(4))
         assert record["dropped_fraction"] == 0.0  # dropless

@@ -1,6 +1,6 @@
-"""minimoe.parallel: the expert-parallel layer against the single-process MoELayer on 2 and 4
-gloo ranks spawned here (one spawn per world size, every scenario inside it), its errors, and
-the cost model against hand-computed cases."""
+"""minimoe.parallel: a layer made expert-parallel by `parallelize` against the single-process
+MoELayer on 2 and 4 gloo ranks spawned here (one spawn per world size, every scenario inside it),
+its errors, and the cost model against hand-computed cases."""
 
 
 import itertools
@@ -13,11 +13,11 @@ from parallel_workers import EQUALITY, SCENARIOS
 
 from minimoe.layer import MoELayer
 from minimoe.parallel import (
-    ExpertParallelMoE,
     all_to_all_cost,
     all_to_all_diagram,
     expected_nodes_per_token,
     expert_major_order,
+    parallelize,
     split_by_rank,
     traffic_bytes,
 )
@@ -25,7 +25,7 @@ from minimoe.parallel.__main__ import parse_args
 
 SPAWN_TIMEOUT_S = 120  # a hang fails the test instead of blocking CI (collectives time out after 30 s)
 ATOL = 1e-5
-FOUR_RANK_SCENARIOS = ["k1", "k2_capacity", "k2_shared", "skewed_k2", "empty_rank", "constructor", "average",
+FOUR_RANK_SCENARIOS = ["k1", "k2_capacity", "k2_shared", "skewed_k2", "empty_rank", "shards", "average",
                        "mismatch"]
 
 
@@ -91,13 +91,25 @@ def test_capacity_cases_drop_something(ranks):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_constructor_holds_the_shards_of_the_seeded_layer(ranks, world):
-    for rank, result in enumerate(_results(ranks, world, "constructor")):
+def test_parallelize_holds_the_shards_of_the_layer(ranks, world):
+    for rank, result in enumerate(_results(ranks, world, "shards")):
         assert result["same_weights"] and result["rng_untouched"]
         assert result["local_experts"] == 2
         assert f"rank={rank}, world_size={world}, experts {2 * rank}..{2 * rank + 1} of {2 * world}" in result["repr"]
         assert result["indivisible"].startswith(f"ValueError: num_experts must be divisible by the world size {world}")
         assert result["indivisible"].endswith(f"got num_experts={2 * world + 1}")
+
+
+def test_parallelize_a_transformer_equals_one_process_per_rank(ranks):
+    """Embeddings, attention, norms, routers and shared experts replicated, experts sharded: the
+    ranks' logits and losses are the single model's, the averaged gradients those of the mean loss."""
+    for rank, result in enumerate(_results(ranks, 2, "transformer")):
+        assert {"logits", "loss", "token_embedding.weight grad", "blocks.1.ffn.experts.w_down grad",
+                "blocks.0.ffn.shared.w_up grad", "blocks.0.attn.qkv.weight grad"} <= set(result["diffs"])
+        for what, diff in result["diffs"].items():
+            assert diff <= ATOL, f"rank {rank}: {what} differs by {diff}"
+        assert (result["params"], result["active"]) == (result["single_params"], result["single_active"])
+        assert result["expert_shapes"] == [[2, 16, 8]] * 2  # 2 of the 4 experts per block, d=16, h=8
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -127,14 +139,14 @@ def test_a_missing_peer_times_out_with_rank_and_phase(ranks):
 
 def test_needs_an_initialised_process_group():
     with pytest.raises(RuntimeError, match="initialised process group"):
-        ExpertParallelMoE(8, 16, 4, 2)
+        parallelize(MoELayer(8, 16, 4, 2))
     with pytest.raises(RuntimeError, match="initialised process group"):
-        ExpertParallelMoE.from_layer(MoELayer(8, 16, 4, 2))
+        parallelize(torch.nn.Sequential(MoELayer(8, 16, 4, 2)))
 
 
-def test_from_layer_rejects_other_modules():
-    with pytest.raises(TypeError, match="layer must be a minimoe.layer.MoELayer"):
-        ExpertParallelMoE.from_layer(torch.nn.Linear(8, 8))
+def test_parallelize_needs_moe_layers():
+    with pytest.raises(ValueError, match="model must contain an MoELayer to parallelize, got a Linear without one"):
+        parallelize(torch.nn.Linear(8, 8))
 
 
 def test_split_by_rank_and_its_errors():

@@ -1,6 +1,7 @@
 """minimoe.train: the schedule, learning on the corpus, early stopping, the History, and
 checkpoints that resume bit-exactly."""
 
+import copy
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from minimoe.data import load_corpus
 from minimoe.model import MoETransformer, MoETransformerConfig
+from minimoe.reference import kept_assignments
 from minimoe.train import History, TrainConfig, Trainer, evaluate, learning_rate, steps_for_budget
 
 TINY = dict(seq_len=32, d_model=32, n_layers=2, n_heads=4, d_hidden=32, num_experts=4, k=2)
@@ -39,15 +41,32 @@ def test_a_few_dozen_steps_lower_the_loss(corpus):
 
 
 def test_history_records_every_step(corpus):
+    """Step 0's routing in the History against the same initial model run here on the two
+    shards of batch 0, its assignments counted and its capacity applied one by one."""
     torch.manual_seed(0)
     model = MoETransformer(MoETransformerConfig(**TINY, capacity_factor=1.0))
-    history = Trainer(model, corpus, TrainConfig(steps=6, batch_size=4, eval_every=100)).run(progress=False)
+    twin = copy.deepcopy(model)
+    history = Trainer(model, corpus, TrainConfig(steps=6, batch_size=4, micro_batches=2, eval_every=100)).run(
+        progress=False)
     assert history.step == list(range(6)) and history.val_step == [6]
-    load = history.array("load")
-    assert load.shape == (6, 2, 4)
-    assert torch.allclose(torch.tensor(load.sum(-1)), torch.ones(6, 2, dtype=torch.float64))
-    dropped = history.array("dropped_fraction")
-    assert dropped.shape == (6, 2) and (dropped >= 0).all() and (dropped < 1).all()
+    assert history.array("load_share").shape == (6, 2, 4) and history.array("shard_load_share").shape == (6, 2, 2, 4)
+
+    x, y, _ = corpus.batch("train", 4, 32, 0, 0)
+    counts, dropped = torch.zeros(2, 2, 4, dtype=torch.float64), torch.zeros(2)  # [shard, block, E], [block]
+    for shard in range(2):
+        twin(x[shard::2], y[shard::2])
+        for block, layer in enumerate(twin.moe_layers):
+            routing = layer.last_routing
+            counts[shard, block] = torch.bincount(routing.expert_idx.reshape(-1), minlength=4).double()
+            capacity = math.ceil(2 * 64 * 1.0 / 4)  # k * T * capacity_factor / E, T = 2 rows x 32
+            dropped[block] += 128 - len(kept_assignments(routing, 4, capacity, "position"))
+    total = counts.sum(0)
+    step0 = {name: torch.tensor(getattr(history, name)[0], dtype=torch.float64)
+             for name in ("load_share", "shard_load_share", "dropped_fraction")}
+    torch.testing.assert_close(step0["load_share"], total / total.sum(-1, keepdim=True))
+    torch.testing.assert_close(step0["shard_load_share"], counts / 128)
+    torch.testing.assert_close(step0["dropped_fraction"], dropped.double() / 256)
+    assert sum(history.dropped_fraction[0]) > 0  # capacity factor 1 drops something here
     assert all(a > 0 for a in history.aux_loss) and all(t > 0 for t in history.tokens_per_s)
     with pytest.raises(ValueError, match="name must be a History field"):
         history.array("accuracy")
@@ -79,7 +98,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(corpus, tmp_path,
 
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    for field in ("step", "lr", "loss", "aux_loss", "z_loss", "load", "dropped_fraction", "val_step", "val_loss"):
+    for field in ("step", "lr", "loss", "aux_loss", "z_loss", "load_share", "dropped_fraction", "val_step",
+                  "val_loss"):
         assert getattr(straight.history, field) == getattr(resumed.history, field), field
 
 

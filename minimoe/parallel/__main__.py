@@ -3,29 +3,27 @@
     torchrun --nproc-per-node=2 -m minimoe.parallel --steps 5            # CPU processes, gloo
     torchrun --nproc-per-node=8 -m minimoe.parallel --backend nccl       # one GPU per rank
 
-The model is the classifier of chapters 04-06 on their clustered toy task: logits =
-head(x + moe(x)), with `moe` an ExpertParallelMoE and `head` replicated. Every rank draws its
-own batch; after backward, `average_gradients` makes all gradients those of the mean loss. Rank 0
-prints, per step and rank, the loss, the token copies sent to and received from every rank and
-the bytes sent to other ranks (dispatch + combine, forward pass). Without torchrun it runs as a
-single process (world size 1).
+The model is a classifier on the clustered toy task of `minimoe.data.make_task`: logits =
+head(x + moe(x)), with `moe` an MoELayer made expert-parallel by `parallelize` and `head`
+replicated. Every rank draws its own batch; after backward, `average_gradients` makes all
+gradients those of the mean loss. Rank 0 prints, per step and rank, the loss, the token copies
+sent to and received from every rank and the bytes sent to other ranks (dispatch + combine,
+forward pass). Without torchrun it runs as a single process (world size 1).
 """
 
 import argparse
 import json
-import os
-import sys
-import tempfile
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from minimoe.experiments import make_task
+from minimoe.data import make_task
 from minimoe.layer import MoELayer
-from minimoe.parallel.layer import ExpertParallelMoE, average_gradients
+from minimoe.parallel.comm import all_gather, init_process_group
+from minimoe.parallel.experts import parallelize
+from minimoe.parallel.training import average_gradients
 
 
 def parse_args(argv):
@@ -50,39 +48,21 @@ def parse_args(argv):
     return args
 
 
-def init(backend: str, timeout: float) -> torch.device:
-    """Join the process group torchrun describes (or a one-process group); -> this rank's device."""
-    if backend == "nccl":
-        if not torch.cuda.is_available():
-            sys.exit("--backend nccl needs CUDA GPUs; use --backend gloo on CPU")
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(1)  # ranks share the machine's cores
-    if "RANK" in os.environ:  # launched by torchrun
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
-    else:
-        store = os.path.join(tempfile.mkdtemp(), "store")
-        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1,
-                                timeout=timedelta(seconds=timeout))
-    return device
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
-    device = init(args.backend, args.timeout)
+    device = init_process_group(args.backend, args.timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     task = make_task(d_model=args.d_model)
     torch.manual_seed(args.seed)  # the same on every rank: equal router and head, and MoELayer's shards
-    moe = ExpertParallelMoE.from_layer(MoELayer(args.d_model, args.d_hidden, args.experts, args.k,
-                                                capacity_factor=args.capacity_factor)).to(device)
+    moe = parallelize(MoELayer(args.d_model, args.d_hidden, args.experts, args.k,
+                               capacity_factor=args.capacity_factor).to(device))
     head = nn.Linear(args.d_model, task.num_classes).to(device)
     model = nn.ModuleDict(dict(moe=moe, head=head))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     if rank == 0:
         print(f"expert-parallel MoE block: {world} ranks ({args.backend}, {device.type}), {args.experts} experts "
-              f"({moe.num_local_experts} per rank), k={args.k}, d_model={args.d_model}, {args.tokens} tokens per rank")
+              f"({moe.experts.num_local_experts} per rank), k={args.k}, d_model={args.d_model}, "
+              f"{args.tokens} tokens per rank")
         print(f"{'step':>4s} {'rank':>4s} {'loss':>7s}  {'sent to ranks':<22s} {'received from ranks':<22s} "
               f"{'bytes sent':>10s}")
     log = []
@@ -95,12 +75,10 @@ def main(argv=None) -> None:
         average_gradients(model)
         optimizer.step()
 
-        ex = moe.exchange
+        ex = moe.experts.last_exchange
         mine = torch.tensor([loss.item(), ex.bytes_sent, *ex.sent.tolist(), *ex.received.tolist()],
                             dtype=torch.float64, device=device)
-        rows = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(rows, mine)
-        for r, row in enumerate(t.tolist() for t in rows):
+        for r, row in enumerate(t.tolist() for t in all_gather(mine, None, "gather step log")):
             entry = dict(step=step, rank=r, loss=row[0], bytes_sent=int(row[1]),
                          sent=[int(v) for v in row[2:2 + world]], received=[int(v) for v in row[2 + world:]])
             log.append(entry)
@@ -109,8 +87,8 @@ def main(argv=None) -> None:
                       f"{str(entry['received']):<22s} {entry['bytes_sent']:10,d}")
     if rank == 0 and args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(world_size=world, backend=args.backend, tokens=args.tokens, d_model=args.d_model,
-                           k=args.k, experts=args.experts, bytes_per_row=moe.exchange.bytes_per_row, log=log), f)
+            json.dump(dict(world_size=world, backend=args.backend, tokens=args.tokens, d_model=args.d_model, k=args.k,
+                           experts=args.experts, bytes_per_row=moe.experts.last_exchange.bytes_per_row, log=log), f)
     dist.destroy_process_group()
 
 

@@ -1,4 +1,5 @@
-"""The collectives of expert parallelism, each with a named phase and a clear error.
+"""The one place for torch.distributed in minimoe: joining a process group, and every collective
+(all-to-all, all-gather, all-reduce), each with a named phase and a clear error.
 
 A collective that fails (a backend timeout because a peer stopped or called something else, a
 peer that crashed) is re-raised as `ExpertParallelError` naming this rank and the phase, so a
@@ -10,6 +11,10 @@ logs the collective (TORCH_NCCL_ASYNC_ERROR_HANDLING), so the phase name is not 
 """
 
 import hashlib
+import os
+import sys
+import tempfile
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -29,6 +34,33 @@ def rank_and_world(group=None) -> tuple[int, int]:
     if rank < 0:
         raise ValueError("group must contain this process: dist.get_rank(group) returned -1")
     return rank, dist.get_world_size(group)
+
+
+def init_process_group(backend: str, timeout: float) -> torch.device:
+    """Join the process group torchrun describes (or a one-process group without torchrun), for
+    the command lines; -> this rank's device. gloo: CPU, one thread per rank; nccl: GPU LOCAL_RANK."""
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            sys.exit("--backend nccl needs CUDA GPUs; use --backend gloo on CPU")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(1)  # ranks share the machine's cores
+    if "RANK" in os.environ:  # launched by torchrun
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+    else:
+        store = os.path.join(tempfile.mkdtemp(), "store")
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1,
+                                timeout=timedelta(seconds=timeout))
+    return device
+
+
+def collective_device(group) -> torch.device:
+    """Where the group's collectives take their tensors: this rank's GPU for NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def run_collective(phase: str, group, collective, *args) -> None:
@@ -70,6 +102,19 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     return _AllToAll.apply(x, list(out_splits), list(in_splits), group, phase)
 
 
+def all_gather(x: torch.Tensor, group, phase: str) -> list[torch.Tensor]:
+    """x on every rank of group -> [x of rank 0, x of rank 1, ...] (same shape everywhere)."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    run_collective(phase, group, dist.all_gather, parts, x.contiguous())
+    return parts
+
+
+def all_reduce(x: torch.Tensor, group, phase: str) -> torch.Tensor:
+    """The sum of x over the ranks of group, in place; returns x."""
+    run_collective(phase, group, dist.all_reduce, x)
+    return x
+
+
 def _digest(data: bytes) -> int:
     return int.from_bytes(hashlib.sha256(data).digest()[:8], "little", signed=True)
 
@@ -80,11 +125,10 @@ def check_same_on_all_ranks(config: str, tensors: list[torch.Tensor], device, gr
     weights = b"".join(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes() for t in tensors)
     mine = torch.tensor([_digest(config.encode()), _digest(weights)], dtype=torch.int64, device=device)
     rank, world = rank_and_world(group)
-    gathered = [torch.empty_like(mine) for _ in range(world)]
-    run_collective("config check", group, dist.all_gather, gathered, mine)
-    for column, what in ((0, "configs"), (1, "replicated weights (router, shared experts)")):
+    gathered = all_gather(mine, group, "config check")
+    for column, what in ((0, "configs"), (1, "replicated weights (everything but the experts)")):
         differ = [r for r, g in enumerate(gathered) if int(g[column]) != int(mine[column])]
         if differ:
             raise ValueError(f"rank {rank} of {world}: ranks were built with different {what}; ranks {differ} "
-                             f"differ from this rank, whose config is: {config}. Build the layer with the same "
-                             "arguments and the same torch seed on every rank (or from_layer on equal MoELayers)")
+                             f"differ from this rank, whose config is: {config}. Build the model with the same "
+                             "arguments and the same torch seed on every rank")
