@@ -65,12 +65,6 @@ class AllToAllCost:
         return 2 * self.dispatch_seconds
 
 
-def _positive(name: str, value) -> float:
-    if _checks.non_negative(name, value) == 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return float(value)
-
-
 def all_to_all_cost(tokens: int, d_model: int, k: int, world_size: int, *, dtype: torch.dtype = torch.bfloat16,
                     gpus_per_node: int = 8, intra_bandwidth: float = 450e9, intra_latency: float = 3e-6,
                     inter_bandwidth: float = 50e9, inter_latency: float = 10e-6, hierarchical: bool = False,
@@ -90,8 +84,8 @@ def all_to_all_cost(tokens: int, d_model: int, k: int, world_size: int, *, dtype
     per_node = min(_checks.positive_int("gpus_per_node", gpus_per_node), world)
     if world % per_node:
         raise ValueError(f"world_size must be a multiple of gpus_per_node={gpus_per_node}, got {world}")
-    beta_intra = _positive("intra_bandwidth", intra_bandwidth)
-    beta_inter = _positive("inter_bandwidth", inter_bandwidth)
+    beta_intra = _checks.positive("intra_bandwidth", intra_bandwidth)
+    beta_inter = _checks.positive("inter_bandwidth", inter_bandwidth)
     alpha_intra = _checks.non_negative("intra_latency", intra_latency)
     alpha_inter = _checks.non_negative("inter_latency", inter_latency)
     if not _checks.non_negative("imbalance", imbalance) >= 1:

@@ -11,8 +11,14 @@ gradient of the mean loss. Checkpoints are single-process: `full_state_dict` and
 import torch
 from torch import nn
 
+from minimoe import _checks
 from minimoe.parallel.comm import all_gather, all_reduce, rank_and_world
 from minimoe.parallel.experts import ExpertParallelExperts, parallelize, sharded_parameters
+
+
+def _sharded_ids(model: nn.Module) -> set[int]:
+    names = sharded_parameters(model)
+    return {id(p) for name, p in model.named_parameters() if name in names}
 
 
 @torch.no_grad()
@@ -21,7 +27,7 @@ def average_gradients(model: nn.Module, group=None) -> None:
     Replicated parameters: all-reduce and divide by W. Sharded experts already hold the sum
     over ranks: divide by W. Collective."""
     _, world = rank_and_world(group)
-    sharded = {id(p) for m in model.modules() if isinstance(m, ExpertParallelExperts) for p in m.parameters()}
+    sharded = _sharded_ids(model)
     replicated = [p for p in model.parameters() if id(p) not in sharded and p.requires_grad]
     for p in model.parameters():
         if p.requires_grad and p.grad is None:  # every rank must all-reduce the same tensors
@@ -39,7 +45,8 @@ def average_gradients(model: nn.Module, group=None) -> None:
 def clip_grad_norm(model: nn.Module, max_norm: float, group=None) -> float:
     """torch.nn.utils.clip_grad_norm_ over the whole expert-parallel model: the squared norms of
     the expert shards are summed over the ranks first (collective). -> the total norm."""
-    sharded = {id(p) for m in model.modules() if isinstance(m, ExpertParallelExperts) for p in m.parameters()}
+    _checks.non_negative("max_norm", max_norm)
+    sharded = _sharded_ids(model)
     squares = torch.zeros(2, dtype=torch.float64, device=next(model.parameters()).device)
     for p in model.parameters():
         if p.grad is not None:
