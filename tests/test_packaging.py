@@ -1,0 +1,117 @@
+"""What a user installs: environment.yml asks for what pyproject.toml declares, and the wheel that
+`python -m build` makes carries everything the package needs at run time (corpus, sanitiser,
+checks), so that `pip install minimoe-*.whl` outside this repository works."""
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# PyPI names whose conda-forge package has another name (matplotlib-base: matplotlib without a GUI toolkit)
+CONDA_NAME = {"matplotlib": "matplotlib-base", "build": "python-build"}
+FROM_PIP = {"torch", "triton"}  # pip picks the CPU or CUDA build that fits the machine
+
+
+def _requirement(line: str) -> tuple[str, str]:
+    """'numpy>=1.24' -> ('numpy', '>=1.24'); an environment marker is kept out of the bound."""
+    spec = line.split(";")[0].strip()
+    name = re.match(r"[A-Za-z0-9_.-]+", spec).group(0)
+    return name.lower(), spec[len(name):].strip()
+
+
+def _environment_lists() -> tuple[dict, dict]:
+    """environment.yml's conda dependencies and pip dependencies, as {name: bound}."""
+    conda, pip, in_pip = {}, {}, False
+    for line in (ROOT / "environment.yml").read_text().splitlines():
+        item = re.match(r"^(\s*)- (.+)$", line)
+        if not item or line.lstrip().startswith("#"):
+            continue
+        indent, value = len(item.group(1)), item.group(2).strip()
+        if value == "pip:":
+            in_pip = True
+        elif in_pip and indent > 2:
+            if not value.startswith("-e"):
+                pip.update([_requirement(value)])
+        elif indent == 2:
+            in_pip = False
+            conda.update([_requirement(value)])
+    return conda, pip
+
+
+def _declared() -> dict:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    return dict(_requirement(r) for r in project["dependencies"] + extras["course"] + extras["dev"] + extras["triton"])
+
+
+def test_environment_yml_names_every_declared_dependency_with_its_lower_bound():
+    conda, pip = _environment_lists()
+    for name, bound in _declared().items():
+        if name in FROM_PIP:
+            assert pip.get(name) == bound, f"environment.yml: pip should install {name}{bound}, has {pip.get(name)}"
+        else:
+            conda_name = CONDA_NAME.get(name, name)
+            assert conda.get(conda_name) == bound, (
+                f"environment.yml: conda-forge should provide {conda_name}{bound} (pyproject: {name}{bound}), "
+                f"has {conda.get(conda_name)}")
+    assert "-e .[course,dev,triton]" in (ROOT / "environment.yml").read_text()
+
+
+def test_environment_check_catches_a_missing_dependency(tmp_path, monkeypatch):
+    """The check above can fail: an environment.yml without seaborn is reported."""
+    (tmp_path / "environment.yml").write_text((ROOT / "environment.yml").read_text().replace("  - seaborn>=0.13\n", ""))
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    with pytest.raises(AssertionError, match="seaborn"):
+        test_environment_yml_names_every_declared_dependency_with_its_lower_bound()
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    # --no-isolation: build with this environment's setuptools instead of downloading one
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--sdist", "--no-isolation", "--outdir", str(out)],
+                   cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    (path,) = out.glob("minimoe-*.whl")
+    assert len(list(out.glob("minimoe-*.tar.gz"))) == 1
+    return path
+
+
+def test_wheel_carries_every_file_of_the_package(wheel):
+    tracked = subprocess.run(["git", "ls-files", "minimoe"], cwd=ROOT, check=True, capture_output=True,
+                             text=True).stdout.split()
+    names = set(zipfile.ZipFile(wheel).namelist())
+    missing = [path for path in tracked if path not in names]
+    assert not missing, f"the wheel lacks {missing}"
+    assert {"minimoe/nbval_sanitize.cfg", "minimoe/corpus/prose.txt"} <= names
+
+
+def test_wheel_installs_and_runs_outside_the_repository(wheel, tmp_path):
+    env_dir = tmp_path / "fresh"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    subprocess.run([python, "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True, timeout=300)
+    # the dependencies (torch, numpy, ...) come from this environment; minimoe only from the wheel
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    ours = [p for p in sys.path if p.endswith("site-packages")]
+    Path(site, "dependencies.pth").write_text("\n".join(ours) + "\n")
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
+    run = {"cwd": tmp_path, "env": env, "capture_output": True, "text": True, "timeout": 300}
+    where = subprocess.run([python, "-c", "import minimoe; print(minimoe.__file__)"], check=True, **run).stdout
+    assert where.startswith(str(env_dir)), f"imported {where.strip()}, not the installed wheel"
+    doctor = subprocess.run([env_dir / "bin" / "minimoe", "doctor"], **run)
+    assert doctor.returncode == 0 and "torch" in doctor.stdout, doctor.stdout + doctor.stderr
+    check = subprocess.run([python, "-c", "from minimoe import numpy_ref; from minimoe.checks import ch01; "
+                            "ch01.check_softmax_gate(numpy_ref.softmax); "
+                            "from minimoe.data import load_corpus; print(len(load_corpus().tokens['train']))"], **run)
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.splitlines()[0] == "task 1.1: PASS (3 random cases)"
+    assert int(check.stdout.splitlines()[1]) > 100_000  # the shipped corpus came with the wheel
