@@ -15,6 +15,7 @@ from torch import nn
 from minimoe import _checks
 
 ACTIVATIONS = ("swiglu", "gelu", "relu")
+WEIGHTS = ("w_gate", "w_up", "w_down")  # the experts' matrices (w_gate: swiglu only, else None)
 
 
 def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:

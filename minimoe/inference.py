@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimoe import _checks
-from minimoe.experts import Experts, GroupedExperts, activate
+from minimoe.experts import WEIGHTS, Experts, GroupedExperts, activate
 from minimoe.layer import MoELayer, moe_layers
 from minimoe.routing import (
     ExpertChoiceRouter,
@@ -145,7 +145,6 @@ class _WrappedRouter(Router):
             raise TypeError(f"router must be a minimoe.routing.Router, got {type(router).__name__}")
         super().__init__(router.d_model, router.num_experts, router.k, learned=False)
         self.inner = router
-        self.needs_token_ids = router.needs_token_ids
 
     def check_token_ids(self, token_ids, x):
         return self.inner.check_token_ids(token_ids, x)
@@ -216,7 +215,6 @@ def fallback_routing(model: nn.Module, max_entropy, fallback: str = "top1"):
 # ---- smaller layers: pruning and merging ----
 
 PER_EXPERT = ("proj.weight", "noise_proj.weight", "expert_bias")  # router tensors with one row per expert
-WEIGHTS = ("w_gate", "w_up", "w_down")  # the experts' matrices
 
 
 def _resized_router(router: Router, num_experts: int) -> Router:

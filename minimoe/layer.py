@@ -153,8 +153,14 @@ class MoELayer(nn.Module):
 
         self.aux_loss = _load_balancing_loss(routing.probs, routing.expert_idx, routing.mask)
         self.z_loss = router_z_loss(routing.logits)
-        self.last_routing, self.last_plan, self._stats = routing.detach(), plan, None
+        self.last_routing, self.last_plan, self._stats = _detached(routing), plan, None
         return out.view_as(x)
+
+
+def _detached(routing: Routing) -> Routing:
+    """The same decision, cut from the autograd graph."""
+    return Routing(routing.logits.detach(), routing.probs.detach(), routing.expert_idx, routing.weights.detach(),
+                   routing.mask)
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:

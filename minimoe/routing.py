@@ -1,8 +1,8 @@
 """Routers: which experts each token visits, and with what combine weight.
 
 Every router maps x [..., d] (leading dims are flattened to T tokens) to a `Routing`:
-`router(x, token_ids=None, available_experts=None)`; a router with `needs_token_ids`
-(HashRouter) reads the token ids [...]. At inference a router can be
+`router(x, token_ids=None, available_experts=None)`; a router that routes on token ids
+(HashRouter) needs them [...], the others refuse them. At inference a router can be
 told that some experts are unavailable (failed, offloaded, pruned): `available_experts`, a bool
 [E] tensor, excludes the False ones from selection, and the weights renormalise over the rest
 (see each router's docstring; HashRouter cannot, and says so). Router math runs in
@@ -38,10 +38,6 @@ class Routing:
     weights: torch.Tensor
     mask: torch.Tensor | None = None
 
-    def detach(self) -> "Routing":
-        """The same decision, cut from the autograd graph (what MoELayer keeps as last_routing)."""
-        return Routing(self.logits.detach(), self.probs.detach(), self.expert_idx, self.weights.detach(), self.mask)
-
 
 def check_available_experts(available_experts: torch.Tensor | None, num_experts: int, k: int) -> torch.Tensor | None:
     """None, or a bool [num_experts] tensor with at least k True (a host sync: the count)."""
@@ -73,8 +69,6 @@ class Router(nn.Module):
     `_route(tokens [T, d], token_ids [T] or None, available [E] or None)`, the routing itself,
     which each router implements and `MoELayer` calls after checking once at its own boundary.
     """
-
-    needs_token_ids = False  # True: routes on the token ids (HashRouter), which must then be given
 
     def __init__(self, d_model: int, num_experts: int, k: int | None = None, *, learned: bool = True):
         super().__init__()
@@ -260,8 +254,6 @@ class HashRouter(Router):
     It cannot route around a masked expert (the table is fixed, and a token hashed to it would
     silently lose that expert): an available_experts mask with any False is an error.
     """
-
-    needs_token_ids = True
 
     def __init__(self, d_model: int, num_experts: int, vocab_size: int, k: int = 1, seed: int = 0):
         super().__init__(d_model, num_experts, k, learned=False)

@@ -27,11 +27,9 @@ import torch
 from torch import nn
 
 from minimoe import _checks
-from minimoe.experts import Experts, GroupedExperts, feed_forward
+from minimoe.experts import WEIGHTS, Experts, GroupedExperts, feed_forward
 from minimoe.layer import moe_layers
 from minimoe.parallel.comm import all_to_all, check_same_on_all_ranks, collective_device, exchange, rank_and_world
-
-WEIGHTS = ("w_gate", "w_up", "w_down")
 
 
 def split_by_rank(tokens_per_expert: torch.Tensor, world_size: int) -> torch.Tensor:
