@@ -9,15 +9,14 @@ resume bit-exactly.
 Data + expert parallelism (chapter 12; `minimoe train` under torchrun): give the Trainer
 `parallel=minimoe.parallel.Parallel()`, which makes the model expert-parallel and does every
 collective; this module itself imports nothing distributed (`SingleProcess` is the one-process
-stand-in). Each global batch is cut into
-`micro_batches` shards, rows s::M; rank r of W runs the shards s with s % W == r, one after
-another, and the loss of the step is the mean of the shard losses. The same config on one
-process runs all M shards itself (gradient accumulation), so a W-rank run and a one-process run
-with the same micro_batches take the same steps, up to float rounding. Per shard, not per
-batch, because the Switch aux loss of a shard is not additive: f and P are statistics of the
-tokens it routes (cross-entropy and z-loss, being means over tokens, would not care). Random
-draws in the forward (the noisy top-k router's noise) are seeded per (seed, step, shard), so
-they too do not depend on which rank runs a shard.
+stand-in). Each global batch is cut into `micro_batches` shards, rows s::M; rank r of W runs the
+shards s with s % W == r, one after another, and the loss of the step is the mean of the shard
+losses. The same config on one process runs all M shards itself (gradient accumulation), so a
+W-rank run and a one-process run with the same micro_batches take the same steps, up to float
+rounding. Per shard, not per batch, because the Switch aux loss of a shard is not additive: f
+and P are statistics of the tokens it routes (cross-entropy and z-loss, being means over tokens,
+would not care). Random draws in the forward (the noisy top-k router's noise) are seeded per
+(seed, step, shard), so they too do not depend on which rank runs a shard.
 """
 
 import math
@@ -180,8 +179,9 @@ class Trainer:
             raise ValueError(f"micro_batches must be divisible by the {self.world} ranks (each runs micro_batches / "
                              f"ranks shards), got {config.micro_batches}")
         self.model, self.corpus, self.config = self.parallel.parallelize(model), corpus, config
-        params = dict(model.named_parameters())
-        decay, no_decay = ([params[name] for name in names] for names in _parameter_groups(model))  # norms: no decay
+        params = dict(self.model.named_parameters())
+        # weights and embeddings decay, norms do not
+        decay, no_decay = ([params[name] for name in names] for names in _parameter_groups(self.model))
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
         self.step = 0
