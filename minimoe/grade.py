@@ -12,7 +12,8 @@ the learner's function runs on them with minimoe's implementations of the task g
 computed here, by minimoe.checks.run_check. A task passes when that comparison passes, its check
 cell replies "ok" (whatever it printed), and neither the scan nor the guard found minimoe's
 implementation of the task in use (with --package-use warn, those are warnings instead). The
-student's file is only read, and the reference notebooks are shown to no kernel.
+student's file is only read, the reference notebooks are shown to no kernel, and all of them are
+read, with the checks they use, before any student's code runs.
 """
 
 import argparse
@@ -66,6 +67,7 @@ class TaskCheck:
     function: str
     learner: str
     check: Check
+    implementations: tuple  # minimoe's objects that implement the task (IMPLEMENTATIONS, resolved)
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,8 @@ def read_task_checks(reference_nb: dict, reference: Path) -> dict[str, TaskCheck
         if check.task != task:
             raise UsageError(f"{reference}: the check cell of task {task} calls {module}.{function}, "
                              f"which checks task {check.task}")
-        checks[task] = TaskCheck(task, module, function, learner, check)
+        implementations = tuple(resolve(path) for path in IMPLEMENTATIONS.get(task, ()))
+        checks[task] = TaskCheck(task, module, function, learner, check, implementations)
     return checks
 
 
@@ -161,8 +164,8 @@ def scan_cells(code_cells: list[dict], reference_nb: dict, checks: dict[str, Tas
     lessons = {_source(c) for c in reference_nb["cells"] if c.get("cell_type") == "code"
                and not any(TASK_TAG.match(t) or SOLUTION_TAG.match(t) for t in c.get("metadata", {}).get("tags", []))}
     cells = [Cell(_source(c), _task(c) is not None or _source(c) in lessons, _task(c)) for c in code_cells]
-    implementations = {task: [resolve(path) for path in IMPLEMENTATIONS.get(task, ())] for task in checks}
-    return scan(cells, {task: c.learner for task, c in checks.items()}, implementations)
+    return scan(cells, {task: c.learner for task, c in checks.items()},
+                {task: list(c.implementations) for task, c in checks.items()})
 
 
 def compare_in_kernel(kernel: Kernel, task_check: TaskCheck, number: int, options: Options) -> tuple[list, list]:
@@ -224,20 +227,43 @@ def run_notebook(code_cells: list[dict], checks: dict[str, TaskCheck], options: 
     return outcome
 
 
-def grade_notebook(student: Path, reference_dir: Path, options: Options) -> list[TaskResult]:
-    """Grade one student notebook (read only) against its reference."""
-    name = student.name
-    try:
-        student_nb = json.loads(student.read_bytes())
-        if not isinstance(student_nb, dict) or not isinstance(student_nb.get("cells"), list):
-            raise ValueError("no list of cells")
-    except (ValueError, UnicodeDecodeError) as error:
-        reference = json.loads(find_reference(student, None, reference_dir).read_text())
-        return [TaskResult(name, t, False, f"not a valid notebook: {error}"[:200]) for t in _task_order(reference)]
-    reference_path = find_reference(student, student_nb, reference_dir)
-    reference = json.loads(reference_path.read_text())
-    checks = read_task_checks(reference, reference_path)
-    graded, cells_of_task = restore_checks(student_nb, reference)
+@dataclass(frozen=True)
+class Submission:
+    """A student notebook read and matched to its reference, before any code runs."""
+    name: str
+    notebook: dict | None  # None: not a valid notebook, for `problem`
+    problem: str
+    reference: dict
+    checks: dict[str, TaskCheck]
+
+
+def load_submissions(students: list[Path], reference_dir: Path) -> list[Submission]:
+    """Read every student notebook (read only) and its reference, each reference and the check
+    modules it uses once, all before any student's code runs: a kernel that rewrites files cannot
+    change what the later notebooks are graded against."""
+    references: dict[Path, tuple[dict, dict[str, TaskCheck]]] = {}
+    submissions = []
+    for student in students:
+        try:
+            notebook, problem = json.loads(student.read_bytes()), ""
+            if not isinstance(notebook, dict) or not isinstance(notebook.get("cells"), list):
+                raise ValueError("no list of cells")
+        except (ValueError, UnicodeDecodeError) as error:
+            notebook, problem = None, f"not a valid notebook: {error}"[:200]
+        path = find_reference(student, notebook, reference_dir)
+        if path not in references:
+            reference = json.loads(path.read_text())
+            references[path] = reference, read_task_checks(reference, path)
+        submissions.append(Submission(student.name, notebook, problem, *references[path]))
+    return submissions
+
+
+def grade_submission(submission: Submission, options: Options) -> list[TaskResult]:
+    """Scan and run one student notebook; a TaskResult per task of its reference."""
+    name, reference, checks = submission.name, submission.reference, submission.checks
+    if submission.notebook is None:
+        return [TaskResult(name, task, False, submission.problem) for task in _task_order(reference)]
+    graded, cells_of_task = restore_checks(submission.notebook, reference)
     code_cells = [cell for cell in graded["cells"] if cell.get("cell_type") == "code"]
     findings = scan_cells(code_cells, reference, checks)
     outcome = run_notebook(code_cells, checks, options)
@@ -324,7 +350,8 @@ def run(args: argparse.Namespace) -> int:
         if args.sandbox:
             _check_sandbox(args.reference)
         options = Options(args.timeout, args.sandbox, args.package_use)
-        results = [r for path in args.notebooks for r in grade_notebook(path, args.reference, options)]
+        submissions = load_submissions(args.notebooks, args.reference)
+        results = [r for submission in submissions for r in grade_submission(submission, options)]
     except UsageError as error:
         print(f"minimoe grade: {error}", file=sys.stderr)
         return 2

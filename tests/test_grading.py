@@ -20,6 +20,7 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from textwrap import dedent
 
 import pytest
 
@@ -166,6 +167,13 @@ def course(tmp_path_factory):
     return solutions, make_exercises.make_exercise(reference_notebook(), "01_demo")
 
 
+def counting_softmax(right_while: str) -> str:
+    """A softmax_gate that counts its calls and answers right only while `right_while` holds: the
+    grader's comparison makes calls 1 to 3, the check cell the next three."""
+    return (f"calls = 0\ndef softmax_gate(logits):\n    global calls\n    calls += 1\n"
+            f"    if not ({right_while}):\n        return logits\n    {SOFTMAX}\n")
+
+
 def demo_batch(exercise: dict) -> dict[str, dict | str]:
     """Student notebooks, each showing one behaviour of the grader (see the tests below)."""
     forged = copy.deepcopy(reference_notebook())  # all PASS outputs saved ...
@@ -184,23 +192,22 @@ def demo_batch(exercise: dict) -> dict[str, dict | str]:
     inserted["cells"][3]["source"] = f"def softmax_gate(logits):\n    logits = logits + shift\n    {SOFTMAX}\n"
     solved = reference_notebook()
     solved["metadata"] = exercise["metadata"]
-    counting = "calls = 0\ndef softmax_gate(logits):\n    global calls\n    calls += 1\n"
     return {
         "stub.ipynb": exercise,
         "solved.ipynb": solved,
         "alice.ipynb": solve(exercise, "1.4"),
         "forged.ipynb": forged,
         "edited.ipynb": edited,
-        "wrong.ipynb": answer(solve(exercise, "1.4"), {"1.1": "def softmax_gate(logits):\n    return np.exp(logits)\n"}),
+        "wrong.ipynb": answer(solve(exercise, "1.4"), {"1.1": "def softmax_gate(logits):\n    return np.exp(logits)"}),
         "deleted.ipynb": deleted,
         "inserted.ipynb": inserted,
         "crash.ipynb": insert_after(solve(exercise, "1.1", "1.4"), "task-1.1", "import os\nos._exit(1)"),
         "01_demo.ipynb": "{ not json",  # found by its name
         "bob_final_v2.ipynb": solve(exercise, "1.1"),
         # right for the grader's three calls, wrong in the check cell: the cell's reply fails it
-        "right_then_wrong.ipynb": answer(exercise, {"1.1": counting + f"    if calls > 3:\n        return logits\n    {SOFTMAX}\n"}),
+        "right_then_wrong.ipynb": answer(exercise, {"1.1": counting_softmax(right_while="calls <= 3")}),
         # wrong for the grader's three calls, right in the check cell: the grader's comparison fails it
-        "wrong_then_right.ipynb": answer(exercise, {"1.1": counting + f"    if calls <= 3:\n        return logits\n    {SOFTMAX}\n"}),
+        "wrong_then_right.ipynb": answer(exercise, {"1.1": counting_softmax(right_while="calls > 3")}),
     }
 
 
@@ -361,47 +368,53 @@ SOLUTION_CELLS_01 = {tag[len("solution-"):]: "".join(c["source"])
                      for c in json.loads((ROOT / "solutions" / "01_numpy_gate.ipynb").read_text())["cells"]
                      for tag in c["metadata"].get("tags", []) if tag.startswith("solution-")}
 IDENTITY = "def softmax_gate(logits):\n    return logits\n"
-PASS_LINE = "'task 1.1: PASS (3 random cases)'"
+READ_SOLUTION = """\
+import json, pathlib, minimoe
+path = pathlib.Path(minimoe.__file__).parents[1] / 'solutions' / '01_numpy_gate.ipynb'
+cells = json.loads(path.read_text())['cells']
+source = ''.join([c for c in cells if 'solution-1.1' in c['metadata'].get('tags', [])][0]['source'])
+"""
 
 ATTACKS = {
     # the issue's three
-    "patch": {"1.1": "import minimoe.checks, minimoe.checks.ch01\n"
-                     "def fake_run_check(task, *args, **kwargs):\n    print(f'task {task}: PASS (3 random cases)')\n"
-                     "minimoe.checks.run_check = fake_run_check\nminimoe.checks.ch01.run_check = fake_run_check\n"
-                     + IDENTITY},
+    "patch": {"1.1": dedent("""\
+        import minimoe.checks, minimoe.checks.ch01
+        def fake_run_check(task, *args, **kwargs):
+            print(f'task {task}: PASS (3 random cases)')
+        minimoe.checks.run_check = fake_run_check
+        minimoe.checks.ch01.run_check = fake_run_check
+        """) + IDENTITY},
     "reference_call": {"1.1": "import minimoe.numpy_ref\ndef softmax_gate(logits):\n"
                               "    return minimoe.numpy_ref.softmax(logits)\n",
                        "1.2": "from minimoe.checks.ch01 import _mixture_reference as mixture_forward\n"},
-    "hidden_traceback": {"1.1": f"get_ipython().showtraceback = lambda *args, **kwargs: print({PASS_LINE})\n"
+    "hidden_traceback": {"1.1": "get_ipython().showtraceback = lambda *args: print('task 1.1: PASS (3 random cases)')\n"
                                 + IDENTITY},
     # their variants
-    "sys_modules": {"1.1": "import sys, types\nfake = types.ModuleType('minimoe.checks.ch01')\n"
-                           "for name in ('check_softmax_gate', 'check_mixture_forward', 'check_gate_logits_backward',"
-                           " 'check_switch_gate'):\n"
-                           "    setattr(fake, name, lambda fn: print('task 1.N: PASS (3 random cases)'))\n"
-                           "sys.modules['minimoe.checks.ch01'] = fake\nimport minimoe.checks\n"
-                           "minimoe.checks.ch01 = fake\n" + IDENTITY},
-    "print_override": {"1.1": "import builtins, sys\n"
-                              f"builtins.print = lambda *args, **kwargs: sys.stdout.write({PASS_LINE} + '\\n')\n"
-                              + IDENTITY},
+    "sys_modules": {"1.1": dedent("""\
+        import sys, types
+        fake = types.ModuleType('minimoe.checks.ch01')
+        for name in ('check_softmax_gate', 'check_mixture_forward', 'check_gate_logits_backward', 'check_switch_gate'):
+            setattr(fake, name, lambda fn: print('task 1.N: PASS (3 random cases)'))
+        sys.modules['minimoe.checks.ch01'] = fake
+        import minimoe.checks
+        minimoe.checks.ch01 = fake
+        """) + IDENTITY},
+    "print_override": {"1.1": dedent("""\
+        import builtins, sys
+        builtins.print = lambda *args, **kwargs: sys.stdout.write('task 1.1: PASS (3 random cases)\\n')
+        """) + IDENTITY},
     "exit_mid_notebook": {"1.1": SOLUTION_CELLS_01["1.1"],
                           "1.2": "def mixture_forward(x, W_gate, b_gate, W, b):\n    return x\n"
                                  "import os\nos._exit(0)\n"},
-    "solutions_via_file": {"1.1": "import json, pathlib, minimoe\n"
-                                  "path = pathlib.Path(minimoe.__file__).parents[1] / 'solutions' / '01_numpy_gate.ipynb'\n"
-                                  "for cell in json.loads(path.read_text())['cells']:\n"
-                                  "    if 'solution-1.1' in cell['metadata'].get('tags', []):\n"
-                                  "        exec(''.join(cell['source']))\n"},
-    "solutions_via_module": {"1.1": "import json, pathlib, minimoe\n"
-                                    "path = pathlib.Path(minimoe.__file__).parents[1] / 'solutions' / '01_numpy_gate.ipynb'\n"
-                                    "cells = json.loads(path.read_text())['cells']\n"
-                                    "source = [c for c in cells if 'solution-1.1' in c['metadata'].get('tags', [])][0]\n"
-                                    "pathlib.Path('stolen.py').write_text('import numpy as np\\n' + ''.join(source['source']))\n"
-                                    "from stolen import softmax_gate\n"},
+    "solutions_via_file": {"1.1": READ_SOLUTION + "exec(source)\n"},
+    "solutions_via_module": {"1.1": READ_SOLUTION + "pathlib.Path('stolen.py').write_text('import numpy as np\\n' "
+                                                    "+ source)\nfrom stolen import softmax_gate\n"},
     # the scan cannot see this one (the import is in a string): the guard catches the call
-    "reference_via_written_module": {"1.1": "with open('helper.py', 'w') as f:\n"
-                                            "    f.write('from minimoe.numpy_ref import softmax as softmax_gate\\n')\n"
-                                            "from helper import softmax_gate\n"},
+    "reference_via_written_module": {"1.1": dedent("""\
+        with open('helper.py', 'w') as f:
+            f.write('from minimoe.numpy_ref import softmax as softmax_gate\\n')
+        from helper import softmax_gate
+        """)},
     # honest partial work, with a cell of its own comparing against minimoe (allowed)
     "partial": {"1.1": SOLUTION_CELLS_01["1.1"] + "\nfrom minimoe.numpy_ref import softmax\n"
                        "print(np.allclose(softmax_gate(np.eye(3)), softmax(np.eye(3))))\n",
@@ -490,7 +503,7 @@ def test_sandbox_hides_the_solutions_and_still_grades_honest_work(tmp_path):
                  "partial.ipynb": answer(EXERCISE_01, ATTACKS["partial"])}
     _, rows, _ = grade(tmp_path, notebooks, ROOT / "solutions", "--sandbox")
     assert passed(rows["steal.ipynb"]) == ALL_FAIL
-    assert "FileNotFoundError" in rows["steal.ipynb"]["1.1"]["detail"] or "NameError" in rows["steal.ipynb"]["1.1"]["detail"]
+    assert rows["steal.ipynb"]["1.1"]["detail"].startswith("NameError: softmax_gate is not defined")
     assert passed(rows["partial.ipynb"]) == {"1.1": True, "1.2": False, "1.3": True, "1.4": False}
 
 

@@ -132,4 +132,5 @@ class Kernel:
                 return Reply(False, f"Timeout: ran more than {timeout:g} s")
             if content.get("status") == "ok":
                 return Reply(True)
-            return Reply(False, f"{content.get('ename', 'Error')}: {content.get('evalue', content.get('status'))}"[:300])
+            error = f"{content.get('ename', 'Error')}: {content.get('evalue', content.get('status'))}"
+            return Reply(False, error[:300])
