@@ -163,7 +163,7 @@ def scan_cells(code_cells: list[dict], reference_nb: dict, checks: dict[str, Tas
     course's, the restored check cells too."""
     lessons = {_source(c) for c in reference_nb["cells"] if c.get("cell_type") == "code"
                and not any(TASK_TAG.match(t) or SOLUTION_TAG.match(t) for t in c.get("metadata", {}).get("tags", []))}
-    cells = [Cell(_source(c), _task(c) is not None or _source(c) in lessons, _task(c)) for c in code_cells]
+    cells = [Cell(_source(c), _task(c) in checks or _source(c) in lessons, _task(c)) for c in code_cells]
     return scan(cells, {task: c.learner for task, c in checks.items()},
                 {task: list(c.implementations) for task, c in checks.items()})
 

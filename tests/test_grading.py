@@ -349,6 +349,15 @@ def test_sandbox_without_bubblewrap_is_a_usage_error(tmp_path, course, capsys, m
     assert "bubblewrap" in capsys.readouterr().err
 
 
+def test_a_kernel_that_does_not_start_fails_every_task_and_says_why(tmp_path, course, monkeypatch):
+    reference, exercise = course
+    monkeypatch.setattr("minimoe.grade.sandbox_available", lambda: True)
+    monkeypatch.setattr("minimoe.grading.kernel._sandbox", lambda work, exchange: ["false"])  # exits at once
+    _, rows, _ = grade(tmp_path, {"s.ipynb": solve(exercise, "1.1", "1.4")}, reference, "--sandbox")
+    assert passed(rows["s.ipynb"]) == {"1.1": False, "1.4": False}
+    assert rows["s.ipynb"]["1.1"]["detail"].startswith("the kernel did not start")
+
+
 def test_a_reference_whose_check_cell_calls_no_check_is_a_usage_error(tmp_path, course, capsys):
     _, exercise = course
     reference = tmp_path / "solutions"
@@ -393,8 +402,8 @@ ATTACKS = {
     "sys_modules": {"1.1": dedent("""\
         import sys, types
         fake = types.ModuleType('minimoe.checks.ch01')
-        for name in ('check_softmax_gate', 'check_mixture_forward', 'check_gate_logits_backward', 'check_switch_gate'):
-            setattr(fake, name, lambda fn: print('task 1.N: PASS (3 random cases)'))
+        for task, name in enumerate(('softmax_gate', 'mixture_forward', 'gate_logits_backward', 'switch_gate'), 1):
+            setattr(fake, f'check_{name}', lambda fn, task=task: print(f'task 1.{task}: PASS (3 random cases)'))
         sys.modules['minimoe.checks.ch01'] = fake
         import minimoe.checks
         minimoe.checks.ch01 = fake

@@ -76,6 +76,8 @@ def test_scan_reports_minimoe_internals_that_the_learner_reaches():
     "%timeit -n 3 np.exp(np.ones(3))\n%matplotlib inline\n!ls\ndef softmax_gate(x): return x",
     "import sys, gc, inspect\nsys.path.append('.')\ngc.collect()\nprint(inspect.signature(np.exp))\n"
     "def softmax_gate(x): return x",
+    "from minimoe.numpy_ref import softmax\ndef softmax_gate(x: softmax) -> softmax:\n"  # types run nothing
+    "    y: softmax = x\n    assert not isinstance(y, softmax)\n    return y",
 ])
 def test_scan_leaves_honest_code_alone(source):
     assert findings(source) == {"1.1": [], "1.2": []}

@@ -47,7 +47,7 @@ def encode(value, arrays: dict[str, np.ndarray]):
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor
         tag, value = "tensor", value.detach().cpu()
         if not value.dtype.is_complex and value.dtype.itemsize < 4 and value.dtype.is_floating_point:
-            value = value.float()  # bfloat16 and float8 have no NumPy dtype
+            value = value.float()  # half precision goes as float32: bfloat16 and float8 have no NumPy dtype
         value = value.numpy()
     array = np.asarray(value)
     if array.dtype.hasobject:

@@ -85,13 +85,13 @@ class Kernel:
         self.gone = ""  # why the kernel is gone, once it is
 
     def __enter__(self) -> "Kernel":
-        with open(self.log, "wb") as log:
-            self.manager.start_kernel(cwd=str(self.work), stdout=log, stderr=log)
-        self.client = self.manager.client()
-        self.client.start_channels()
         try:
+            with open(self.log, "wb") as log:
+                self.manager.start_kernel(cwd=str(self.work), stdout=log, stderr=log)
+            self.client = self.manager.client()
+            self.client.start_channels()
             self.client.wait_for_ready(timeout=STARTUP_TIMEOUT)
-        except RuntimeError as error:
+        except (OSError, RuntimeError) as error:
             self.__exit__()
             tail = self.log.read_text(errors="replace").strip().splitlines()[-3:]
             raise KernelError(f"the kernel did not start ({error}): {' | '.join(tail)}"[:400]) from None

@@ -137,10 +137,30 @@ class _RefCollector(ast.NodeVisitor):
     def visit_Name(self, node: ast.Name) -> None:
         self._add(node.id, (), node)
 
+    def visit_arg(self, node: ast.arg) -> None:
+        """A parameter: its annotation names a type, which runs nothing."""
+
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
+        for name, value in ast.iter_fields(node):
+            if name != "returns":
+                for child in value if isinstance(value, list) else [value]:
+                    if isinstance(child, ast.AST):
+                        self.visit(child)
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> None:
+        self.visit(node.target)
+        if node.value is not None:
+            self.visit(node.value)
+
     def visit_Attribute(self, node: ast.Attribute) -> None:
         self._visit_chain(node)
 
     def visit_Call(self, node: ast.Call) -> None:
+        if isinstance(node.func, ast.Name) and node.func.id in ("isinstance", "issubclass") and node.args:
+            self.visit(node.args[0])  # the classes it tests against run nothing
+            return
         if _magic(node) is not None:  # read by _Scan._statement
             for arg in node.args[1:] + [k.value for k in node.keywords]:
                 self.visit(arg)
