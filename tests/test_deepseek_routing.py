@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minimoe.experts import FeedForward
+from minimoe.inference import merge_experts, prune_experts
 from minimoe.layer import MoELayer
 from minimoe.model import MoETransformer, MoETransformerConfig
 from minimoe.routing import SwitchRouter, TopKRouter, make_router
@@ -133,6 +134,25 @@ def test_bad_routed_scaling_factor_raises(build, message):
 def test_layer_accepts_the_routers_own_scaling_factor():
     router = TopKRouter(8, 4, 2, routed_scaling_factor=2.0)
     assert MoELayer(8, 4, 4, router=router, routed_scaling_factor=2.0).router is router
+
+
+def test_pruning_keeps_the_scaling_factor_and_refuses_group_limited_routers():
+    """prune_experts computes what the layer computes with the pruned experts masked, scale included."""
+    torch.manual_seed(0)
+    layer = MoELayer(8, 4, 6, router=TopKRouter(8, 6, 2, routed_scaling_factor=2.5))
+    keep = [0, 2, 3, 5]
+    pruned = prune_experts(layer, keep)
+    assert pruned.router.routed_scaling_factor == 2.5
+    mask = torch.zeros(6, dtype=torch.bool)
+    mask[keep] = True
+    layer.available_experts = mask
+    x = torch.randn(10, 8)
+    torch.testing.assert_close(pruned(x), layer(x), atol=1e-6, rtol=0)
+    grouped = MoELayer(8, 4, 6, router=TopKRouter(8, 6, 2, n_group=3, topk_group=2))
+    with pytest.raises(ValueError, match=r"must not be group-limited .* got n_group=3, topk_group=2"):
+        prune_experts(grouped, keep)
+    with pytest.raises(ValueError, match=r"must not be group-limited"):
+        merge_experts(grouped, 0, 1)
 
 
 # ---- group-limited selection ----
