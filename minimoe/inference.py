@@ -220,11 +220,17 @@ PER_EXPERT = ("proj.weight", "noise_proj.weight", "expert_bias")  # router tenso
 def _resized_router(router: Router, num_experts: int) -> Router:
     """An untrained router of router's kind and settings with num_experts outputs."""
     d = router.d_model
+    if isinstance(router, TopKRouter) and router.group_limited:
+        raise ValueError(f"layer.router must not be group-limited to change the experts (its n_group={router.n_group} "
+                         "contiguous groups would not survive removing experts), got n_group="
+                         f"{router.n_group}, topk_group={router.topk_group}")
     if isinstance(router, SwitchRouter):
-        return SwitchRouter(d, num_experts, noise_std=router.noise_std)
+        return SwitchRouter(d, num_experts, noise_std=router.noise_std,
+                            routed_scaling_factor=router.routed_scaling_factor)
     if isinstance(router, TopKRouter):
         return TopKRouter(d, num_experts, router.k, score=router.score, normalize=router.normalize,
-                          noise_std=router.noise_std, bias_update_rate=router.bias_update_rate)
+                          noise_std=router.noise_std, bias_update_rate=router.bias_update_rate,
+                          routed_scaling_factor=router.routed_scaling_factor)
     if isinstance(router, NoisyTopKRouter):
         return NoisyTopKRouter(d, num_experts, router.k)
     if isinstance(router, ExpertChoiceRouter):

@@ -38,6 +38,9 @@ class MoELayer(nn.Module):
         None), or SwitchRouter for k=1 (the raw probability as weight: renormalising one weight
         makes it 1 and leaves the router no gradient from the output). k lives on the router
         (`layer.k` reads `router.k`): with a router, leave k out or give the router's.
+    routed_scaling_factor: of the default router (DeepSeek-V2/V3, HF's name; 1 when None):
+        multiplies the routed experts' combine weights, never the shared experts. Like k, it
+        lives on the router: with a router, leave it out or give the router's.
     router: any `minimoe.routing.Router`. A router that routes on token ids (HashRouter) needs
         token_ids [...] (x's leading shape); the others must get None.
     capacity_factor: None is dropless; otherwise each expert takes at most
@@ -62,7 +65,7 @@ class MoELayer(nn.Module):
     def __init__(self, d_model: int, d_hidden: int, num_experts: int, k: int | None = None, *,
                  router: Router | None = None, capacity_factor: float | None = None,
                  drop_policy: str = "position", num_shared_experts: int = 0,
-                 activation: str = "swiglu", backend: str = "torch"):
+                 activation: str = "swiglu", backend: str = "torch", routed_scaling_factor: float | None = None):
         super().__init__()
         self.d_model = _checks.positive_int("d_model", d_model)
         self.num_experts = _checks.positive_int("num_experts", num_experts)
@@ -73,9 +76,10 @@ class MoELayer(nn.Module):
         self.num_shared_experts = _checks.positive_int("num_shared_experts", num_shared_experts, minimum=0)
 
         if router is None:
-            router = make_router("topk", d_model, num_experts, 2 if k is None else k)
+            router = make_router("topk", d_model, num_experts, 2 if k is None else k,
+                                 routed_scaling_factor=1.0 if routed_scaling_factor is None else routed_scaling_factor)
         self.router = router
-        self._check_router(k)
+        self._check_router(k, routed_scaling_factor)
         self.experts: GroupedExperts = Experts(d_model, d_hidden, num_experts, activation)
         self.shared = (FeedForward(d_model, num_shared_experts * d_hidden, activation)
                        if num_shared_experts else None)
@@ -86,7 +90,7 @@ class MoELayer(nn.Module):
         self._stats: MoEStats | None = None
         self._available_experts: torch.Tensor | None = None
 
-    def _check_router(self, k: int | None) -> None:
+    def _check_router(self, k: int | None, routed_scaling_factor: float | None) -> None:
         router = self.router
         if not isinstance(router, Router):
             raise TypeError(f"router must be a minimoe.routing.Router, got {type(router).__name__}")
@@ -95,6 +99,10 @@ class MoELayer(nn.Module):
                              f"got d_model={router.d_model}, num_experts={router.num_experts}")
         if k is not None and router.k != k:
             raise ValueError(f"k={k} differs from router.k={router.k}: give k to the router only")
+        if routed_scaling_factor is not None and getattr(router, "routed_scaling_factor", 1.0) != routed_scaling_factor:
+            raise ValueError(f"routed_scaling_factor={routed_scaling_factor} differs from the router's "
+                             f"{getattr(router, 'routed_scaling_factor', 1.0)} ({type(router).__name__}): "
+                             "give routed_scaling_factor to the router only")
         if isinstance(router, ExpertChoiceRouter) and self.capacity_factor is not None:
             raise ValueError("capacity_factor must be None with an ExpertChoiceRouter, which sets "
                              f"its own capacity (router.capacity_factor), got {self.capacity_factor}")

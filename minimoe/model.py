@@ -43,6 +43,8 @@ class MoETransformerConfig:
         renormalised top-k as in Mixtral, or Switch top-1 when k == 1), "noisy_topk" (Shazeer
         et al. 2017), "sigmoid_bias" (DeepSeek-V3: sigmoid scores and an aux-loss-free selection
         bias, moved by bias_update_rate per `update_router_biases()`).
+    routed_scaling_factor: multiplies every MoE block's routed combine weights (DeepSeek-V2/V3,
+        HF's name; > 0, default 1), never the shared experts' output.
     aux_loss_coef, z_loss_coef: weights of the Switch load-balancing loss and the router z-loss,
         each summed over the MoE blocks, in the training loss.
     """
@@ -60,6 +62,7 @@ class MoETransformerConfig:
     capacity_factor: float | None = None
     router: str = "topk"
     bias_update_rate: float = 1e-3
+    routed_scaling_factor: float = 1.0
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 1e-3
     activation: str = "swiglu"
@@ -81,6 +84,10 @@ class MoETransformerConfig:
         _checks.choice("activation", self.activation, ACTIVATIONS)
         for name in ("bias_update_rate", "aux_loss_coef", "z_loss_coef"):
             _checks.non_negative(name, getattr(self, name))
+        _checks.positive("routed_scaling_factor", self.routed_scaling_factor)
+        if self.routed_scaling_factor != 1.0 and self.router == "noisy_topk":
+            raise ValueError("routed_scaling_factor must be 1 with router='noisy_topk' (only topk and sigmoid_bias "
+                             f"scale their weights), got {self.routed_scaling_factor}")
 
     @property
     def is_moe(self) -> bool:
@@ -128,7 +135,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(d, config.n_heads)
         if moe:
             router = make_router(config.router, d, config.num_experts, config.k,
-                                 bias_update_rate=config.bias_update_rate)
+                                 bias_update_rate=config.bias_update_rate,
+                                 routed_scaling_factor=config.routed_scaling_factor)
             self.ffn = MoELayer(d, config.d_hidden, config.num_experts, router=router,
                                 capacity_factor=config.capacity_factor,
                                 num_shared_experts=config.num_shared_experts, activation=config.activation)

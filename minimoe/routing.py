@@ -125,19 +125,74 @@ class TopKRouter(Router):
     Wang et al. 2024): the bias is added to the scores to *select* experts, never to the weights.
     available_experts (bool [E], at least k True): masked experts get logit -inf (probs 0, for
     softmax the rest renormalise) and are never selected, whatever their bias.
+
+    DeepSeek-V2/V3 (DeepSeek-AI 2024), with Hugging Face's parameter names:
+    routed_scaling_factor (> 0, default 1): multiplies the k combine weights [T, k], after
+        the renormalisation; the shared experts' output is never scaled.
+    n_group, topk_group (default 1, 1): group-limited selection (DeepSeek-V3; HF's
+        DeepseekV3TopkRouter). The E experts form n_group contiguous groups of E / n_group;
+        a group's score is the sum of its top-min(2, E / n_group) selection scores (probs, plus
+        expert_bias when kept; masked experts at -inf, so a group with fewer available experts
+        than that scores -inf); each token keeps its topk_group best groups [T, topk_group] and
+        picks its k experts among their experts only. Weights come from the unbiased probs as
+        above. topk_group == n_group (n_group=1 among them) is plain top-k. HF needs
+        E / n_group >= 2 (it takes a top-2 per group); a group of one expert scores that expert.
     """
 
     def __init__(self, d_model: int, num_experts: int, k: int = 2, *, score: str = "softmax",
-                 normalize: bool = True, noise_std: float = 0.0, bias_update_rate: float = 0.0):
+                 normalize: bool = True, noise_std: float = 0.0, bias_update_rate: float = 0.0,
+                 routed_scaling_factor: float = 1.0, n_group: int = 1, topk_group: int = 1):
         super().__init__(d_model, num_experts, k)
         self.score = _checks.choice("score", score, ("softmax", "sigmoid"))
         self.normalize = bool(normalize)
         self.noise_std = _checks.non_negative("noise_std", noise_std)
         self.bias_update_rate = _checks.non_negative("bias_update_rate", bias_update_rate)
+        self.routed_scaling_factor = _checks.positive("routed_scaling_factor", routed_scaling_factor)
+        self.n_group = _checks.positive_int("n_group", n_group)
+        if num_experts % self.n_group:
+            raise ValueError(f"n_group must divide num_experts={num_experts}, got n_group={n_group}")
+        self.topk_group = _checks.positive_int("topk_group", topk_group)
+        if self.topk_group > self.n_group:
+            raise ValueError(f"topk_group must be in [1, n_group={n_group}], got topk_group={topk_group}")
+        group_size = num_experts // self.n_group
+        if self.k > self.topk_group * group_size:
+            raise ValueError(f"k must be <= topk_group * num_experts / n_group = {topk_group} * {group_size} = "
+                             f"{self.topk_group * group_size} (the experts of the kept groups), got k={k}")
         if self.bias_update_rate > 0:
             self.register_buffer("expert_bias", torch.zeros(num_experts))
         else:
             self.expert_bias = None
+
+    @property
+    def group_limited(self) -> bool:
+        """Whether selection is limited to topk_group of the n_group groups (topk_group < n_group)."""
+        return self.topk_group < self.n_group
+
+    def check_available(self, available_experts: torch.Tensor | None) -> torch.Tensor | None:
+        """As Router.check_available; with group-limited selection, the mask must also leave k
+        experts in whichever topk_group groups a token may keep (groups scoring -inf, with fewer
+        than min(2, E / n_group) available experts, are kept only when too few others score higher)."""
+        available = super().check_available(available_experts)
+        if available is not None and self.group_limited:
+            group_size = self.num_experts // self.n_group
+            counts = available.reshape(self.n_group, group_size).sum(-1).tolist()
+            scored = min(2, group_size)
+            worst = sorted(counts, key=lambda count: (count < scored, count))[:self.topk_group]
+            if sum(worst) < self.k:
+                raise ValueError(f"available_experts must leave at least k={self.k} experts in any "
+                                 f"topk_group={self.topk_group} groups a token may keep (n_group={self.n_group}), "
+                                 f"got available experts per group {counts}")
+        return available
+
+    def _keep_groups(self, scores: torch.Tensor) -> torch.Tensor:
+        """scores [T, E] (selection scores, masked experts at -inf) -> bool [T, E]: True for the
+        experts of each token's topk_group best groups (group score: sum of its top-min(2, size))."""
+        group_size = self.num_experts // self.n_group
+        grouped = scores.reshape(scores.shape[0], self.n_group, group_size)
+        group_scores = grouped.topk(min(2, group_size), dim=-1).values.sum(-1)  # [T, n_group]
+        kept = group_scores.topk(self.topk_group, dim=-1).indices  # [T, topk_group]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+        return keep.repeat_interleave(group_size, dim=1)
 
     def _route(self, tokens, token_ids, available) -> Routing:
         logits = self._logits(tokens)
@@ -152,10 +207,18 @@ class TopKRouter(Router):
         selection = routed if self.expert_bias is None else probs + self.expert_bias
         if available is not None:
             selection = selection.masked_fill(~available.to(routed.device), float("-inf"))
+        if self.group_limited:
+            # groups are scored on the scores (+ bias), not the logits: a sum is not rank-preserving
+            scores = probs if self.expert_bias is None else selection
+            if available is not None:
+                scores = scores.masked_fill(~available.to(routed.device), float("-inf"))
+            selection = selection.masked_fill(~self._keep_groups(scores), float("-inf"))
         expert_idx = selection.topk(self.k, dim=-1).indices
         weights = probs.gather(-1, expert_idx)
         if self.normalize:
             weights = weights / weights.sum(-1, keepdim=True)
+        if self.routed_scaling_factor != 1.0:
+            weights = weights * self.routed_scaling_factor
         return Routing(logits, probs, expert_idx, weights)
 
     @torch.no_grad()
@@ -173,10 +236,12 @@ class TopKRouter(Router):
 
 class SwitchRouter(TopKRouter):
     """Switch Transformer (Fedus et al. 2021): top-1, the weight is the chosen softmax probability
-    (not renormalised, or it would be 1 and the router would get no gradient)."""
+    (not renormalised, or it would be 1 and the router would get no gradient), times
+    routed_scaling_factor (1 by default)."""
 
-    def __init__(self, d_model: int, num_experts: int, *, noise_std: float = 0.0):
-        super().__init__(d_model, num_experts, k=1, normalize=False, noise_std=noise_std)
+    def __init__(self, d_model: int, num_experts: int, *, noise_std: float = 0.0, routed_scaling_factor: float = 1.0):
+        super().__init__(d_model, num_experts, k=1, normalize=False, noise_std=noise_std,
+                         routed_scaling_factor=routed_scaling_factor)
 
 
 class NoisyTopKRouter(Router):
@@ -303,7 +368,8 @@ class HashRouter(Router):
 
 
 def make_router(name: str, d_model: int, num_experts: int, k: int | None = 2, *, bias_update_rate: float = 1e-3,
-                capacity_factor: float = 1.0, vocab_size: int | None = None, seed: int = 0) -> Router:
+                capacity_factor: float = 1.0, vocab_size: int | None = None, seed: int = 0,
+                routed_scaling_factor: float = 1.0) -> Router:
     """The router ROUTERS calls `name`:
     topk           TopKRouter(k): softmax, renormalised top-k (GShard, Mixtral); for k=1 the
                    SwitchRouter (a renormalised single weight is 1: the router would get no
@@ -313,21 +379,30 @@ def make_router(name: str, d_model: int, num_experts: int, k: int | None = 2, *,
     expert_choice  ExpertChoiceRouter(capacity_factor) (Zhou et al. 2022); k must be None
     sigmoid_bias   TopKRouter(k, score="sigmoid", bias_update_rate) (DeepSeek-V3)
     hash           HashRouter(vocab_size, k, seed) (Roller et al. 2021)
+    routed_scaling_factor (DeepSeek-V2/V3) goes to the TopKRouter-based ones (topk, switch,
+    sigmoid_bias); the others take only the default 1.
     """
     _checks.choice("name", name, ROUTERS)
+    scale = _checks.positive("routed_scaling_factor", routed_scaling_factor)
+    if scale != 1.0 and name not in ("topk", "switch", "sigmoid_bias"):
+        raise ValueError(f"routed_scaling_factor must be 1 for the {name!r} router (only topk, switch and "
+                         f"sigmoid_bias scale their weights), got {routed_scaling_factor}")
     if (name == "expert_choice") != (k is None) or (name == "switch" and k != 1):
         expected = {"expert_choice": "None (a token gets 0..E experts)", "switch": "1"}.get(name, "an int")
         raise ValueError(f"k must be {expected} for the {name!r} router, got k={k}")
     if name == "topk":
-        return SwitchRouter(d_model, num_experts) if k == 1 else TopKRouter(d_model, num_experts, k)
+        if k == 1:
+            return SwitchRouter(d_model, num_experts, routed_scaling_factor=scale)
+        return TopKRouter(d_model, num_experts, k, routed_scaling_factor=scale)
     if name == "noisy_topk":
         return NoisyTopKRouter(d_model, num_experts, k)
     if name == "switch":
-        return SwitchRouter(d_model, num_experts)
+        return SwitchRouter(d_model, num_experts, routed_scaling_factor=scale)
     if name == "expert_choice":
         return ExpertChoiceRouter(d_model, num_experts, capacity_factor)
     if name == "sigmoid_bias":
-        return TopKRouter(d_model, num_experts, k, score="sigmoid", bias_update_rate=bias_update_rate)
+        return TopKRouter(d_model, num_experts, k, score="sigmoid", bias_update_rate=bias_update_rate,
+                          routed_scaling_factor=scale)
     if vocab_size is None:
         raise ValueError("vocab_size must be given for the 'hash' router, got None")
     return HashRouter(d_model, num_experts, vocab_size, k, seed)
