@@ -261,3 +261,40 @@ class MoETransformer(nn.Module):
             idx = torch.cat([idx, next_id], dim=1)
         self.train(was_training)
         return idx
+
+
+@torch.no_grad()
+def upcycle(dense: MoETransformer, num_experts: int, k: int = 2, seed: int = 0, **changes) -> MoETransformer:
+    """Sparse upcycling (Komatsuzaki et al., 2022): an MoE transformer started from a trained
+    dense one. Embeddings, attention and norms are copied; every block's FFN becomes an MoE
+    layer whose num_experts experts are copies of that dense FFN (so d_hidden stays the dense
+    width, and k experts cost k dense FFNs per token: every block is MoE, since a dense block
+    of an MoETransformer has the active width k * d_hidden); the routers start from their usual
+    init under torch.manual_seed(seed).
+
+    changes: other MoETransformerConfig fields (router, aux_loss_coef, capacity_factor, ...). Right
+    after upcycling the MoE computes the dense model's logits (up to float rounding) whenever
+    each token's combine weights sum to 1: renormalised top-k with k >= 2, dropless. A Switch
+    router (k=1) scales the copy by its probability, a capacity factor drops tokens, and
+    routed_scaling_factor or shared experts add to it: then the start is not the dense model.
+    """
+    if not isinstance(dense, MoETransformer) or dense.config.is_moe:
+        raise TypeError(f"dense must be a dense MoETransformer (num_experts=1), got "
+                        f"{type(dense).__name__}" + (f" with num_experts={dense.config.num_experts}"
+                                                     if isinstance(dense, MoETransformer) else ""))
+    _checks.positive_int("num_experts", num_experts, minimum=2)
+    for name in ("num_experts", "k", "d_hidden", "moe_every", "vocab_size", "seq_len", "d_model", "n_layers",
+                 "n_heads", "activation"):
+        if name in changes:
+            raise ValueError(f"changes must not set {name!r}: it is taken from dense or given as an argument")
+    config = replace(dense.config, num_experts=num_experts, k=k, moe_every=1, **changes)
+    torch.manual_seed(seed)
+    moe = MoETransformer(config)
+    moe.load_state_dict({name: value for name, value in dense.state_dict().items() if ".ffn." not in name},
+                        strict=False)  # everything but the FFNs
+    for block, dense_block in zip(moe.blocks, dense.blocks, strict=True):
+        for name in ("w_gate", "w_up", "w_down"):
+            weight = getattr(dense_block.ffn, name)
+            if weight is not None:
+                getattr(block.ffn.experts, name).copy_(weight.expand_as(getattr(block.ffn.experts, name)))
+    return moe

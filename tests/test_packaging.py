@@ -6,12 +6,13 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 import venv
 import zipfile
 from pathlib import Path
 
 import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+ (the package supports 3.10: there this file skips)
 
 ROOT = Path(__file__).resolve().parents[1]
 # PyPI names whose conda-forge package has another name (matplotlib-base: matplotlib without a GUI toolkit)

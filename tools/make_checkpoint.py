@@ -27,7 +27,7 @@ import torch
 
 from minimoe.data import load_corpus
 from minimoe.model import MoETransformer, MoETransformerConfig
-from minimoe.train import Trainer, TrainConfig, evaluate
+from minimoe.train import TrainConfig, Trainer, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "course" / "checkpoints"
