@@ -5,6 +5,7 @@
     monitor.records                     # one dict per (forward call of model, MoE layer)
     monitor.series("logit_max", layer=0) # (steps, values) for your own plots
     monitor.dashboard()                 # one matplotlib Figure of every metric
+    monitor.to_tensorboard(writer)      # every metric per layer and step, to TensorBoard
     monitor.detach()                    # or: with RoutingMonitor(model) as monitor: ...
 
 Steps are counted automatically, one per forward call of the monitored model in training mode:
@@ -98,6 +99,15 @@ def diagnose(record: dict) -> str:
     return "healthy"
 
 
+def _load_share(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(steps [n], share [n, E]): per step, the share of the assignments of its records."""
+    steps = np.unique([r["step"] for r in rows])
+    loads = np.zeros((len(steps), len(rows[0]["load"])))
+    for r in rows:
+        loads[np.searchsorted(steps, r["step"])] += r["load"]
+    return steps, loads / loads.sum(1, keepdims=True)
+
+
 class RoutingMonitor:
     """Forward hooks on `model` and on every MoELayer in it (found by isinstance; `model` may be
     an MoELayer itself): after each layer call, its `stats` and `z_loss` become a record, one
@@ -186,6 +196,31 @@ class RoutingMonitor:
                              f"while the monitor is attached ({len(self.records)} records in all)")
         return rows
 
+    def to_tensorboard(self, writer, prefix: str = "routing", eval_prefix: str | None = None):
+        """Write the training-mode records to TensorBoard, one point per MoE layer i and step (the
+        mean over the calls that share it, as `series`): every metric as the scalar
+        `{prefix}/layer{i}/{metric}`, and the step's load share (its calls' loads summed) as the
+        histogram over expert ids `{prefix}/layer{i}/load_share`. eval_prefix: the eval-mode
+        records too, under that prefix (e.g. "routing_eval"). writer: a
+        `torch.utils.tensorboard.SummaryWriter` (flushed, left open), or a log directory (a
+        writer is made there, then closed; needs `pip install minimoe[tensorboard]`)."""
+        from minimoe._tensorboard import add_load_share, summary_writer
+
+        tb, made = summary_writer(writer)
+        for training, tags in ((True, prefix), (False, eval_prefix)):
+            if tags is None:
+                continue
+            for i in range(len(self.layers)):
+                for name in METRICS:
+                    for step, value in zip(*self.series(name, i, training), strict=True):
+                        tb.add_scalar(f"{tags}/layer{i}/{name}", value, int(step))
+                for step, share in zip(*_load_share(self._rows(i, training)), strict=True):
+                    add_load_share(tb, f"{tags}/layer{i}/load_share", share, int(step))
+        if made:
+            tb.close()
+        else:
+            tb.flush()
+
     def dashboard(self, training: bool = True, load_layer: int = 0,
                   title: str = "Routing dashboard") -> Figure:
         """One figure: each metric over steps (one line per MoE layer), and the share of the
@@ -203,13 +238,10 @@ class RoutingMonitor:
             ax.set(title=panel_title, xlabel="training step", ylabel=ylabel)
         axes[0].set_ylim(-0.03, 1.03)
         axes[0].legend(fontsize="small")
-        steps = np.unique([r["step"] for r in rows])
-        loads = np.zeros((len(steps), len(rows[0]["load"])))
-        for r in rows:
-            loads[np.searchsorted(steps, r["step"])] += r["load"]
-        share = 100 * loads / loads.sum(1, keepdims=True)
+        steps, share = _load_share(rows)
         ax = axes[8]
-        mesh = ax.pcolormesh(steps, np.arange(share.shape[1]), share.T, cmap="mako", vmin=0, shading="nearest")
+        mesh = ax.pcolormesh(steps, np.arange(share.shape[1]), 100 * share.T, cmap="mako", vmin=0,
+                             shading="nearest")
         fig.colorbar(mesh, ax=ax, label="share of assignments (%)")
         ax.set(title=f"load per expert, MoE layer {load_layer}", xlabel="training step", ylabel="expert")
         mode = "training" if training else "eval"

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm  # the text bar: tqdm.auto needs ipywidgets in notebooks
 
-from minimoe import _checks
+from minimoe import _checks, metrics
+from minimoe._tensorboard import add_load_share, summary_writer
 from minimoe.data import Corpus
 from minimoe.model import MoETransformer, MoETransformerConfig
 
@@ -116,6 +117,7 @@ class History:
     dropped_fraction[i]  [n_moe_blocks] share of assignments dropped by capacity
     shard_load_share[i]  [micro_batches][n_moe_blocks][E] load_share of each shard (on W ranks,
                          shard s ran on rank s % W: the per-rank routing)
+    grad_norm[i]         the total gradient norm before clipping
     val_step, val_loss   the validation cross-entropy (nats per character) when it was measured
     """
 
@@ -128,6 +130,7 @@ class History:
     dropped_fraction: list = field(default_factory=list)
     shard_load_share: list = field(default_factory=list)
     tokens_per_s: list = field(default_factory=list)
+    grad_norm: list = field(default_factory=list)
     val_step: list = field(default_factory=list)
     val_loss: list = field(default_factory=list)
 
@@ -165,9 +168,15 @@ class Trainer:
 
     parallel: None (this process alone) or a `minimoe.parallel.Parallel`: the Trainer then makes
     `model` expert-parallel in place (every rank passes the same model, built with the same seed)
-    and is data parallel over the rest; see the module docstring."""
+    and is data parallel over the rest; see the module docstring.
+    writer: None (no logging; tensorboard is not imported), a `torch.utils.tensorboard.SummaryWriter`
+    or a log directory to make one in (`pip install minimoe[tensorboard]`). Rank 0 then logs each
+    step's History entry as it is made (see `_log_step`; global_step = the History's step), and
+    val/loss at each validation, and flushes at the end of `run`. An argument, like `parallel`,
+    and not a TrainConfig field: a writer is an open file, not part of the run a checkpoint stores."""
 
-    def __init__(self, model: MoETransformer, corpus: Corpus, config: TrainConfig = TrainConfig(), parallel=None):
+    def __init__(self, model: MoETransformer, corpus: Corpus, config: TrainConfig = TrainConfig(), parallel=None,
+                 writer=None):
         if not isinstance(model, MoETransformer):
             raise TypeError(f"model must be an MoETransformer, got {type(model).__name__}")
         if corpus.vocab_size != model.config.vocab_size:
@@ -186,6 +195,7 @@ class Trainer:
                                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
         self.step = 0
         self.history = History()
+        self.writer = summary_writer(writer)[0] if writer is not None and self.rank == 0 else None
 
     def train_step(self) -> None:
         """One optimiser step on batch `self.step`, logged in the History."""
@@ -201,8 +211,8 @@ class Trainer:
         mine = torch.stack([self._forward_backward(x[shard::M], y[shard::M], shard, M // W)
                             for shard in range(self.rank, M, W)])
         parallel.average_gradients(model)
-        if config.grad_clip > 0:
-            parallel.clip_grad_norm(model, config.grad_clip)
+        # max_norm inf scales the gradients by exactly 1: the norm without clipping
+        grad_norm = parallel.clip_grad_norm(model, config.grad_clip if config.grad_clip > 0 else math.inf)
         self.optimizer.step()
 
         # every shard's row on every rank: [W ranks, M / W slots, ...], shard s = rank s % W, slot s // W
@@ -223,7 +233,26 @@ class Trainer:
         h.dropped_fraction.append((dropped / load.sum(-1).clamp(min=1)).tolist())
         h.shard_load_share.append((shard_load / shard_load.sum(-1, keepdim=True).clamp(min=1)).tolist())
         h.tokens_per_s.append(x.numel() / (time.perf_counter() - started))
+        h.grad_norm.append(grad_norm)
+        if self.writer is not None:
+            self._log_step()
         self.step += 1
+
+    def _log_step(self) -> None:
+        """The History's last step to the writer: train/{loss, aux_loss, z_loss, lr, grad_norm,
+        tokens_per_s}, and per MoE block i train/routing/layer{i}/{load_entropy, dead_experts,
+        max_violation, cv, dropped_fraction} and the histogram train/routing/layer{i}/load_share."""
+        h, step = self.history, self.history.step[-1]
+        for name in ("loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s"):
+            self.writer.add_scalar(f"train/{name}", getattr(h, name)[-1], step)
+        for i, (share, dropped) in enumerate(zip(h.load_share[-1], h.dropped_fraction[-1], strict=True)):
+            tag = f"train/routing/layer{i}"
+            for name, value in (("load_entropy", metrics.load_entropy(share)),
+                                ("dead_experts", metrics.dead_experts(share)),
+                                ("max_violation", metrics.max_violation(share)),
+                                ("cv", metrics.coefficient_of_variation(share)), ("dropped_fraction", dropped)):
+                self.writer.add_scalar(f"{tag}/{name}", value, step)
+            add_load_share(self.writer, f"{tag}/load_share", share, step)
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, shard: int, shards_here: int) -> torch.Tensor:
         """Forward and backward of one shard -> its row of statistics, float64: the task, aux and
@@ -258,9 +287,13 @@ class Trainer:
                 self.history.val_step.append(self.step)
                 self.history.val_loss.append(evaluate(self.model, self.corpus, config.eval_batches,
                                                       config.batch_size, seed=config.seed, parallel=self.parallel))
+                if self.writer is not None:
+                    self.writer.add_scalar("val/loss", self.history.val_loss[-1], self.step)
             if out_of_time:
                 break
         bar.close()
+        if self.writer is not None:
+            self.writer.flush()
         return self.history
 
     def save(self, path) -> None:
@@ -276,16 +309,17 @@ class Trainer:
                         "history": asdict(self.history), "rng": torch.get_rng_state()}, path)
 
     @classmethod
-    def load(cls, path, corpus: Corpus, parallel=None, device=None, **changes) -> "Trainer":
+    def load(cls, path, corpus: Corpus, parallel=None, device=None, writer=None, **changes) -> "Trainer":
         """The Trainer `save` wrote, on one process, or re-sharded over `parallel` (a
         `minimoe.parallel.Parallel`; collective: every rank loads the same file). device: where
-        the model goes (default CPU). changes: TrainConfig fields to change (e.g. steps=600, or
+        the model goes (default CPU). writer: as for Trainer (the run's log directory again
+        continues its curves). changes: TrainConfig fields to change (e.g. steps=600, or
         micro_batches for more ranks)."""
         checkpoint = torch.load(path, weights_only=True, map_location="cpu")
         model = MoETransformer(MoETransformerConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])
         trainer = cls(model.to(device), corpus, replace(TrainConfig(**checkpoint["train_config"]), **changes),
-                      parallel)
+                      parallel, writer)
         names = sum(_parameter_groups(trainer.model), [])
         trainer.optimizer.load_state_dict(
             trainer.parallel.shard_optimizer_state(trainer.model, checkpoint["optimizer"], names))

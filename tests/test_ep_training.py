@@ -70,7 +70,7 @@ def test_two_ranks_train_like_one_process(ranks, reference, name):
         h = result["history"]
         assert h["step"] == list(range(TRAIN.steps)) and h["val_step"] == [3, 6]
         for field in ("loss", "aux_loss", "z_loss", "val_loss", "load_share", "shard_load_share", "dropped_fraction",
-                      "lr"):
+                      "lr", "grad_norm"):
             assert _close(h[field], getattr(expected, field)) <= ATOL, (rank, field)
         assert h["loss"][-1] < h["loss"][0]  # it learns
 

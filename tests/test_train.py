@@ -72,6 +72,21 @@ def test_history_records_every_step(corpus):
         history.array("accuracy")
 
 
+@pytest.mark.parametrize("grad_clip", [0.0, 1e-3])
+def test_grad_norm_is_the_norm_before_clipping(corpus, grad_clip):
+    """Step 0's grad_norm against the gradient of the same initial model on batch 0, computed here."""
+    torch.manual_seed(0)
+    model = MoETransformer(MoETransformerConfig(**TINY))
+    twin = copy.deepcopy(model)
+    history = Trainer(model, corpus, TrainConfig(steps=2, batch_size=4, grad_clip=grad_clip)).run(progress=False)
+    x, y, _ = corpus.batch("train", 4, 32, 0, 0)
+    twin(x, y)[1].backward()
+    norm = math.sqrt(sum(float(p.grad.double().square().sum()) for p in twin.parameters() if p.grad is not None))
+    assert norm > 1e-2  # so the 1e-3 clip does clip, and the norm recorded is the one before
+    assert history.grad_norm[0] == pytest.approx(norm, rel=1e-4)
+    assert len(history.grad_norm) == 2
+
+
 def test_max_seconds_stops_early_and_validates_on_the_way_out(corpus):
     model = MoETransformer(MoETransformerConfig(**TINY))
     history = Trainer(model, corpus, TrainConfig(steps=50, batch_size=4, max_seconds=1e-9)).run(progress=False)
@@ -98,8 +113,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(corpus, tmp_path,
 
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    for field in ("step", "lr", "loss", "aux_loss", "z_loss", "load_share", "dropped_fraction", "val_step",
-                  "val_loss"):
+    for field in ("step", "lr", "loss", "aux_loss", "z_loss", "load_share", "dropped_fraction", "grad_norm",
+                  "val_step", "val_loss"):
         assert getattr(straight.history, field) == getattr(resumed.history, field), field
 
 
