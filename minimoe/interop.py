@@ -141,12 +141,12 @@ def from_transformers(block: nn.Module) -> MoELayer:
     device and dtype, in its training mode. DeepSeek-V3's e_score_correction_bias becomes the
     router's expert_bias (bias_update_rate 1e-3, applied only by router.update_bias)."""
     spec = _spec(block)
-    router = TopKRouter(spec["d_model"], spec["num_experts"], spec["k"], score=spec["score"],
-                        normalize=spec["normalize"], bias_update_rate=BIAS_UPDATE_RATE if spec["biased"] else 0.0,
-                        routed_scaling_factor=spec["routed_scaling_factor"], n_group=spec["n_group"],
-                        topk_group=spec["topk_group"])
     weight = block.experts.gate_up_proj
     with torch.device(weight.device):
+        router = TopKRouter(spec["d_model"], spec["num_experts"], spec["k"], score=spec["score"],
+                            normalize=spec["normalize"], bias_update_rate=BIAS_UPDATE_RATE if spec["biased"] else 0.0,
+                            routed_scaling_factor=spec["routed_scaling_factor"], n_group=spec["n_group"],
+                            topk_group=spec["topk_group"])
         layer = MoELayer(spec["d_model"], spec["d_hidden"], spec["num_experts"], router=router,
                          num_shared_experts=spec["num_shared_experts"], shared_gate=spec["shared_gate"])
     layer.to(weight.dtype).train(block.training)

@@ -70,18 +70,21 @@ def randomize(block: nn.Module) -> None:
         block.gate.e_score_correction_bias.normal_(0, 0.1)
 
 
-def build_model(family: str, seed: int = 0, **config_kw):
+def build_model(family: str, seed: int = 0, experts: str = "grouped_mm", **config_kw):
+    """A tiny random float32 *ForCausalLM in eval mode; experts: HF's experts implementation
+    (grouped_mm is its default; eager is the per-expert loop of modeling_*.py)."""
     config, cls, _ = FAMILIES[family]
     torch.manual_seed(seed)
     model = cls(config(**config_kw)).float().eval()
+    model.set_experts_implementation(experts)
     for block in model.modules():
         if type(block) in interop.BLOCKS:
             randomize(block)
     return model
 
 
-def moe_block(family: str, **config_kw) -> nn.Module:
-    return build_model(family, **config_kw).model.layers[-1].mlp
+def moe_block(family: str, experts: str = "grouped_mm", **config_kw) -> nn.Module:
+    return build_model(family, experts=experts, **config_kw).model.layers[-1].mlp
 
 
 def hf_grads(block):
@@ -124,8 +127,9 @@ def max_diffs(block, layer, seed: int = 1) -> dict:
     (out_hf * probe).sum().backward()
     (out * probe).sum().backward()
     _, hf_weights, hf_idx = block.gate(x.view(-1, x.shape[-1]))
-    E = layer.num_experts
-    dense = lambda idx, w: torch.zeros(idx.shape[0], E).scatter_add(1, idx, w.float())  # noqa: E731
+    def dense(idx, w):  # [T, k] ids and weights -> [T, E], order-free
+        return torch.zeros(idx.shape[0], layer.num_experts, dtype=torch.float64).scatter_add(1, idx, w.double())
+
     routing = layer.last_routing
     diffs = {"out": (out_hf - out).abs().max().item(), "x": (x_hf.grad - x_ours.grad).abs().max().item(),
              "same_experts": torch.equal(hf_idx.sort(-1).values, routing.expert_idx.sort(-1).values),
@@ -142,13 +146,14 @@ def assert_close_to_hf(diffs: dict) -> None:
     assert max(diffs.values()) <= TOL, diffs
 
 
+@pytest.mark.parametrize("experts", ["grouped_mm", "batched_mm", "eager"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_layer_routes_and_computes_what_the_hf_block_does(family):
-    block = moe_block(family)
+def test_layer_routes_and_computes_what_the_hf_block_does(family, experts):
+    block = moe_block(family, experts)
+    assert block.experts.config._experts_implementation == experts
     layer = interop.from_transformers(block)
     assert isinstance(layer, MoELayer) and layer.training == block.training
     diffs = max_diffs(block, layer)
-    print(family, {name: f"{value:.1e}" for name, value in diffs.items() if name != "same_experts"})
     assert len(diffs) == {"qwen2_moe": 11, "deepseek_v3": 10}.get(family, 7)  # every weight compared
     assert_close_to_hf(diffs)
     # the layer holds copies: changing it leaves the block alone
@@ -170,6 +175,15 @@ def test_the_hf_routing_settings_are_carried_over():
     assert torch.equal(ds.router.expert_bias, block.gate.e_score_correction_bias)
     qwen = interop.from_transformers(moe_block("qwen2_moe"))
     assert (qwen.num_shared_experts, qwen.shared.d_hidden, qwen.shared_gate is not None) == (2, 32, True)
+
+
+def test_the_layer_takes_the_blocks_dtype():
+    block = moe_block("deepseek_v3", "eager").double()  # HF's grouped_mm takes no float64
+    layer = interop.from_transformers(block)
+    assert layer.experts.w_up.dtype == layer.router.expert_bias.dtype == layer.shared.w_up.dtype == torch.float64
+    x = torch.randn(3, 5, 32, dtype=torch.float64)
+    # HF's DeepSeek-V3 router runs in float32 whatever the input, minimoe's in float64 here
+    torch.testing.assert_close(layer(x), block(x), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(("family", "norm"), [("qwen2_moe", True), ("olmoe", True), ("deepseek_v3", False)])
@@ -239,7 +253,6 @@ def test_converted_model_keeps_its_logits_and_works_with_minimoe_tools(family):
     before = logits(model, ids)
     assert interop.convert_model(model) is model
     diff = (logits(model, ids) - before).abs().max().item()
-    print(family, f"logits {diff:.1e}")
     assert diff <= TOL
     layers = moe_layers(model)
     assert len(layers) == FAMILIES[family][2]
