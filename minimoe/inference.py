@@ -250,10 +250,12 @@ def _map_experts(layer: MoELayer, num_experts: int, fn) -> MoELayer:
     new = MoELayer(layer.d_model, layer.experts.d_hidden, num_experts, router=router,
                    capacity_factor=layer.capacity_factor, drop_policy=layer.drop_policy,
                    num_shared_experts=layer.num_shared_experts, activation=layer.experts.activation,
-                   backend=layer.backend)
+                   backend=layer.backend, shared_gate=layer.shared_gate is not None)
     new.experts.load_state_dict({name: fn(t) for name, t in layer.experts.state_dict().items()})
     if layer.shared is not None:
         new.shared.load_state_dict(layer.shared.state_dict())
+    if layer.shared_gate is not None:
+        new.shared_gate.load_state_dict(layer.shared_gate.state_dict())
     return new.to(layer.experts.w_up).train(layer.training)  # its device and dtype
 
 

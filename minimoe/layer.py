@@ -48,6 +48,9 @@ class MoELayer(nn.Module):
         "score"); a dropped assignment adds nothing (the residual stream carries the token).
     num_shared_experts: always-on experts of width d_hidden (DeepSeekMoE), stored as one dense
         FFN of width num_shared_experts * d_hidden, which computes exactly their sum.
+    shared_gate: False (default) or True (needs shared experts): `shared_gate`, a bias-free
+        Linear d_model -> 1, scales the shared experts' output per token by sigmoid(x @ g)
+        (Qwen2-MoE's shared_expert_gate).
     backend: "torch" permutes with index_select / index_add; "triton" with the kernels of
         `minimoe.kernels` (compiled on a GPU, interpreted and slow on CPU), same results.
     available_experts: None (all experts usable) or a bool [E] tensor, checked when set (e.g. at
@@ -65,7 +68,8 @@ class MoELayer(nn.Module):
     def __init__(self, d_model: int, d_hidden: int, num_experts: int, k: int | None = None, *,
                  router: Router | None = None, capacity_factor: float | None = None,
                  drop_policy: str = "position", num_shared_experts: int = 0,
-                 activation: str = "swiglu", backend: str = "torch", routed_scaling_factor: float | None = None):
+                 activation: str = "swiglu", backend: str = "torch", routed_scaling_factor: float | None = None,
+                 shared_gate: bool = False):
         super().__init__()
         self.d_model = _checks.positive_int("d_model", d_model)
         self.num_experts = _checks.positive_int("num_experts", num_experts)
@@ -83,6 +87,9 @@ class MoELayer(nn.Module):
         self.experts: GroupedExperts = Experts(d_model, d_hidden, num_experts, activation)
         self.shared = (FeedForward(d_model, num_shared_experts * d_hidden, activation)
                        if num_shared_experts else None)
+        if shared_gate and not num_shared_experts:
+            raise ValueError("shared_gate=True needs shared experts to gate, got num_shared_experts=0")
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if shared_gate else None
         self.aux_loss: torch.Tensor | None = None
         self.z_loss: torch.Tensor | None = None
         self.last_routing: Routing | None = None
@@ -157,7 +164,10 @@ class MoELayer(nn.Module):
                                            sorted_weights(routing.weights, plan))
         out = unpermute_fn(expert_out, plan, weights=None)
         if self.shared is not None:
-            out = out + self.shared(tokens)
+            shared = self.shared(tokens)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(tokens)) * shared
+            out = out + shared
 
         self.aux_loss = _load_balancing_loss(routing.probs, routing.expert_idx, routing.mask)
         self.z_loss = router_z_loss(routing.logits)

@@ -58,6 +58,9 @@ def moe_loop(layer, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> t
                 y = y + routing.weights[t, j].to(y.dtype) * _ffn(tokens[t], ex.w_up[e], ex.w_down[e], w_gate, act)
         if layer.shared is not None:
             sh = layer.shared
-            y = y + _ffn(tokens[t], sh.w_up, sh.w_down, sh.w_gate, act)
+            shared = _ffn(tokens[t], sh.w_up, sh.w_down, sh.w_gate, act)
+            if layer.shared_gate is not None:
+                shared = torch.sigmoid(tokens[t] @ layer.shared_gate.weight[0]) * shared
+            y = y + shared
         rows.append(y)
     return torch.stack(rows).view_as(x)

@@ -198,6 +198,19 @@ def test_pruning_copies_settings_and_leaves_the_original_alone():
     assert inf.prune_experts(layer_with("expert_choice"), [0, 5]).router.capacity_factor == 1.0
 
 
+def test_pruning_keeps_a_gated_shared_expert():
+    layer = layer_with("softmax", num_shared_experts=1, shared_gate=True)
+    with torch.no_grad():
+        layer.shared_gate.weight.normal_()
+    small = inf.prune_experts(layer, AVAILABLE)
+    assert torch.equal(small.shared_gate.weight, layer.shared_gate.weight)
+    x = tokens()
+    with torch.no_grad():
+        layer.available_experts = mask_of(AVAILABLE)
+        torch.testing.assert_close(small(x), layer(x), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(moe_loop(small, x), layer(x), atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("keep, error, message", [
     ([0, 0, 1], ValueError, "distinct"),
     ([0, 8], ValueError, r"in \[0, 8\)"),

@@ -81,6 +81,29 @@ def test_layer_matches_loop(k, activation, capacity_factor, drop_policy, num_sha
         assert layer.stats.dropped_fraction > 0
 
 
+def test_shared_gate_scales_the_shared_experts_by_a_sigmoid_per_token():
+    """out = routed(x) + sigmoid(x g) * shared(x), Qwen2-MoE's gated shared expert, written out here;
+    the loop agrees on outputs and gradients; without a gate the layer is unchanged bit for bit."""
+    gated = build_layer(num_shared_experts=2, shared_gate=True)
+    plain = build_layer(num_shared_experts=2)
+    assert gated.shared_gate.weight.shape == (1, D_MODEL) and plain.shared_gate is None
+    assert "shared_gate.weight" not in plain.state_dict()
+    plain.load_state_dict({name: t for name, t in gated.state_dict().items() if not name.startswith("shared_gate")})
+    with torch.no_grad():
+        gated.shared_gate.weight.normal_()
+    x = random_input()
+    tokens = x.detach().reshape(-1, D_MODEL)
+    shared = plain.shared(tokens)
+    routed = plain(x).detach().reshape(-1, D_MODEL) - shared
+    gate = 1 / (1 + torch.exp(-(tokens @ gated.shared_gate.weight[0])))  # [T]
+    expected = routed + gate[:, None] * shared
+    torch.testing.assert_close(gated(x).detach().reshape(-1, D_MODEL), expected, atol=1e-6, rtol=0)
+    assert (gate - 1).abs().max() > 0.1  # the gate is far from a no-op here
+    assert_matches_loop(gated, x)
+    default = build_layer(num_shared_experts=2)
+    assert torch.equal(default(x), plain(x))
+
+
 ROUTERS = {
     "switch": (lambda: SwitchRouter(D_MODEL, NUM_EXPERTS), 1),
     "noisy_top2": (lambda: NoisyTopKRouter(D_MODEL, NUM_EXPERTS, 2), 2),
@@ -444,10 +467,11 @@ def test_noisy_top_k_router_eval_weights_are_softmax_over_the_top_k_logits():
     (dict(backend="triton-nope"), ValueError, r"backend"),
     (dict(drop_policy="random"), ValueError, r"drop_policy"),
     (dict(num_shared_experts=-1), ValueError, r"num_shared_experts"),
+    (dict(shared_gate=True), ValueError, r"shared_gate"),
     (dict(d_hidden=0), ValueError, r"d_hidden"),
 ], ids=["k_gt_E", "k_zero", "cf_zero", "cf_negative", "router_num_experts", "router_d_model", "router_type",
         "router_k", "expert_choice_k", "expert_choice_with_cf", "activation", "backend", "drop_policy",
-        "shared_negative", "d_hidden"])
+        "shared_negative", "shared_gate_alone", "d_hidden"])
 def test_layer_rejects_bad_config(kwargs, error, argument):
     with pytest.raises(error, match=rf"\b{argument}\b"):
         build_layer(**kwargs)
