@@ -44,7 +44,11 @@ class MoETransformerConfig:
         et al. 2017), "sigmoid_bias" (DeepSeek-V3: sigmoid scores and an aux-loss-free selection
         bias, moved by bias_update_rate per `update_router_biases()`).
     routed_scaling_factor: multiplies every MoE block's routed combine weights (DeepSeek-V2/V3,
-        HF's name; > 0, default 1), never the shared experts' output.
+        HF's name; > 0), never the shared experts' output. None (default) means k: a token's k
+        renormalised weights then sum to k, as the dense twin sums its k slices of width
+        d_hidden, instead of averaging k experts (which shrinks the FFN's output, and under Adam
+        its effective step, by k; chapter 07 measures what that costs). `routed_scale` is the
+        value in use.
     aux_loss_coef, z_loss_coef: weights of the Switch load-balancing loss and the router z-loss,
         each summed over the MoE blocks, in the training loss.
     """
@@ -62,7 +66,7 @@ class MoETransformerConfig:
     capacity_factor: float | None = None
     router: str = "topk"
     bias_update_rate: float = 1e-3
-    routed_scaling_factor: float = 1.0
+    routed_scaling_factor: float | None = None
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 1e-3
     activation: str = "swiglu"
@@ -84,14 +88,16 @@ class MoETransformerConfig:
         _checks.choice("activation", self.activation, ACTIVATIONS)
         for name in ("bias_update_rate", "aux_loss_coef", "z_loss_coef"):
             _checks.non_negative(name, getattr(self, name))
-        _checks.positive("routed_scaling_factor", self.routed_scaling_factor)
-        if self.routed_scaling_factor != 1.0 and self.router == "noisy_topk":
-            raise ValueError("routed_scaling_factor must be 1 with router='noisy_topk' (only topk and sigmoid_bias "
-                             f"scale their weights), got {self.routed_scaling_factor}")
+        _checks.positive("routed_scaling_factor", self.routed_scaling_factor, none_means="k")
 
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 1
+
+    @property
+    def routed_scale(self) -> float:
+        """The routed_scaling_factor in use: k when the field is None."""
+        return float(self.k) if self.routed_scaling_factor is None else self.routed_scaling_factor
 
     @property
     def active_hidden(self) -> int:
@@ -136,7 +142,7 @@ class Block(nn.Module):
         if moe:
             router = make_router(config.router, d, config.num_experts, config.k,
                                  bias_update_rate=config.bias_update_rate,
-                                 routed_scaling_factor=config.routed_scaling_factor)
+                                 routed_scaling_factor=config.routed_scale)
             self.ffn = MoELayer(d, config.d_hidden, config.num_experts, router=router,
                                 capacity_factor=config.capacity_factor,
                                 num_shared_experts=config.num_shared_experts, activation=config.activation)
@@ -164,12 +170,20 @@ class MoETransformer(nn.Module):
         self.position_embedding = nn.Embedding(config.seq_len, config.d_model)
         self.blocks = nn.ModuleList(Block(config, config.is_moe_block(i)) for i in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.d_model)
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-        for block in self.blocks:  # GPT-2: residual outputs scaled down with depth
-            nn.init.normal_(block.attn.out.weight, std=0.02 / math.sqrt(2 * config.n_layers))
+        self._init_weights()
         self.last_losses: dict | None = None
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """GPT-2's scheme for every matrix (embeddings, attention, routers, experts, dense and
+        shared FFNs): N(0, 0.02), and N(0, 0.02 / sqrt(2 n_layers)) for the projections that write
+        into the residual stream (attention's `out`, every `w_down`), so that the stream's variance
+        does not grow with depth. Norms keep weight 1 and bias 0."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, weight in self.named_parameters():
+            if weight.dim() >= 2:
+                writes_residual = name.endswith(("attn.out.weight", "w_down"))
+                nn.init.normal_(weight, std=residual_std if writes_residual else 0.02)
 
     @property
     def moe_layers(self) -> list[MoELayer]:
@@ -272,10 +286,11 @@ def upcycle(dense: MoETransformer, num_experts: int, k: int = 2, seed: int = 0, 
     of an MoETransformer has the active width k * d_hidden); the routers start from their usual
     init under torch.manual_seed(seed).
 
-    changes: other MoETransformerConfig fields (router, aux_loss_coef, capacity_factor, ...). Right
+    changes: other MoETransformerConfig fields (router, aux_loss_coef, capacity_factor, ...);
+    routed_scaling_factor is 1 unless given, so that k copies are averaged, not summed. Right
     after upcycling the MoE computes the dense model's logits (up to float rounding) whenever
     each token's combine weights sum to 1: renormalised top-k with k >= 2, dropless. A Switch
-    router (k=1) scales the copy by its probability, a capacity factor drops tokens, and
+    router (k=1) scales the copy by its probability, a capacity factor drops tokens, and another
     routed_scaling_factor or shared experts add to it: then the start is not the dense model.
     """
     if not isinstance(dense, MoETransformer) or dense.config.is_moe:
@@ -287,6 +302,7 @@ def upcycle(dense: MoETransformer, num_experts: int, k: int = 2, seed: int = 0, 
                  "n_heads", "activation"):
         if name in changes:
             raise ValueError(f"changes must not set {name!r}: it is taken from dense or given as an argument")
+    changes = {"routed_scaling_factor": 1.0, **changes}
     config = replace(dense.config, num_experts=num_experts, k=k, moe_every=1, **changes)
     torch.manual_seed(seed)
     moe = MoETransformer(config)

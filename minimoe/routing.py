@@ -251,11 +251,13 @@ class NoisyTopKRouter(Router):
     kept and weights = softmax over them. `probs` is softmax(H) over all experts.
     W_noise starts at zero, so the initial noise std is softplus(0) = ln 2.
     available_experts (bool [E], at least k True): masked experts get H = -inf, so they are
-    never kept and `probs` gives them 0.
+    never kept and `probs` gives them 0. routed_scaling_factor (> 0, default 1) multiplies the
+    k weights, as in TopKRouter.
     """
 
-    def __init__(self, d_model: int, num_experts: int, k: int = 2):
+    def __init__(self, d_model: int, num_experts: int, k: int = 2, *, routed_scaling_factor: float = 1.0):
         super().__init__(d_model, num_experts, k)
+        self.routed_scaling_factor = _checks.positive("routed_scaling_factor", routed_scaling_factor)
         self.noise_proj = nn.Linear(d_model, num_experts, bias=False)
         nn.init.zeros_(self.noise_proj.weight)
 
@@ -268,7 +270,7 @@ class NoisyTopKRouter(Router):
         if available is not None:
             routed = routed.masked_fill(~available.to(routed.device), float("-inf"))
         top = routed.topk(self.k, dim=-1)
-        return Routing(logits, routed.softmax(-1), top.indices, top.values.softmax(-1))
+        return Routing(logits, routed.softmax(-1), top.indices, top.values.softmax(-1) * self.routed_scaling_factor)
 
 
 class ExpertChoiceRouter(Router):
@@ -379,14 +381,14 @@ def make_router(name: str, d_model: int, num_experts: int, k: int | None = 2, *,
     expert_choice  ExpertChoiceRouter(capacity_factor) (Zhou et al. 2022); k must be None
     sigmoid_bias   TopKRouter(k, score="sigmoid", bias_update_rate) (DeepSeek-V3)
     hash           HashRouter(vocab_size, k, seed) (Roller et al. 2021)
-    routed_scaling_factor (DeepSeek-V2/V3) goes to the TopKRouter-based ones (topk, switch,
-    sigmoid_bias); the others take only the default 1.
+    routed_scaling_factor (DeepSeek-V2/V3) goes to topk, noisy_topk, switch and sigmoid_bias;
+    the others take only the default 1.
     """
     _checks.choice("name", name, ROUTERS)
     scale = _checks.positive("routed_scaling_factor", routed_scaling_factor)
-    if scale != 1.0 and name not in ("topk", "switch", "sigmoid_bias"):
-        raise ValueError(f"routed_scaling_factor must be 1 for the {name!r} router (only topk, switch and "
-                         f"sigmoid_bias scale their weights), got {routed_scaling_factor}")
+    if scale != 1.0 and name not in ("topk", "noisy_topk", "switch", "sigmoid_bias"):
+        raise ValueError(f"routed_scaling_factor must be 1 for the {name!r} router (only topk, noisy_topk, switch "
+                         f"and sigmoid_bias scale their weights), got {routed_scaling_factor}")
     if (name == "expert_choice") != (k is None) or (name == "switch" and k != 1):
         expected = {"expert_choice": "None (a token gets 0..E experts)", "switch": "1"}.get(name, "an int")
         raise ValueError(f"k must be {expected} for the {name!r} router, got k={k}")
@@ -395,7 +397,7 @@ def make_router(name: str, d_model: int, num_experts: int, k: int | None = 2, *,
             return SwitchRouter(d_model, num_experts, routed_scaling_factor=scale)
         return TopKRouter(d_model, num_experts, k, routed_scaling_factor=scale)
     if name == "noisy_topk":
-        return NoisyTopKRouter(d_model, num_experts, k)
+        return NoisyTopKRouter(d_model, num_experts, k, routed_scaling_factor=scale)
     if name == "switch":
         return SwitchRouter(d_model, num_experts, routed_scaling_factor=scale)
     if name == "expert_choice":

@@ -71,7 +71,9 @@ class TrainConfig:
     max_seconds: stop `run` early once this much training time has passed (equal-time
     comparisons); None trains all steps. Batches depend only on (seed, step).
     micro_batches: shards per batch (rows s::M), each a forward/backward of its own; the loss is
-    their mean. An expert-parallel run needs M divisible by its W ranks (each runs M / W)."""
+    their mean. An expert-parallel run needs M divisible by its W ranks (each runs M / W).
+    router_lr_scale: the routers' learning rate as a multiple of lr (their own AdamW group, never
+    weight-decayed)."""
 
     steps: int = 300
     batch_size: int = 32
@@ -85,6 +87,7 @@ class TrainConfig:
     seed: int = 0
     max_seconds: float | None = None
     micro_batches: int = 1
+    router_lr_scale: float = 1.0
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "eval_every", "eval_batches", "micro_batches"):
@@ -95,6 +98,7 @@ class TrainConfig:
         _checks.positive_int("seed", self.seed, minimum=0)
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
             _checks.non_negative(name, getattr(self, name))
+        _checks.positive("router_lr_scale", self.router_lr_scale)
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr must be <= lr={self.lr}, got {self.min_lr}")
         _checks.positive("max_seconds", self.max_seconds, none_means="no time limit")
@@ -189,10 +193,11 @@ class Trainer:
                              f"ranks shards), got {config.micro_batches}")
         self.model, self.corpus, self.config = self.parallel.parallelize(model), corpus, config
         params = dict(self.model.named_parameters())
-        # weights and embeddings decay, norms do not
-        decay, no_decay = ([params[name] for name in names] for names in _parameter_groups(self.model))
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+        decay, no_decay, router = ([params[name] for name in names] for names in _parameter_groups(self.model))
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay, "lr_scale": 1.0},
+                                            {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+                                            {"params": router, "weight_decay": 0.0,
+                                             "lr_scale": config.router_lr_scale}], lr=config.lr)
         self.step = 0
         self.history = History()
         self.writer = summary_writer(writer)[0] if writer is not None and self.rank == 0 else None
@@ -203,7 +208,7 @@ class Trainer:
         started = time.perf_counter()
         lr = learning_rate(self.step, config)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         x, y, _ = self.corpus.batch("train", config.batch_size, model.config.seq_len, config.seed, self.step)
         M, W = config.micro_batches, self.world
         model.train()
@@ -329,10 +334,14 @@ class Trainer:
         return trainer
 
 
-def _parameter_groups(model: MoETransformer) -> tuple[list[str], list[str]]:
-    """Parameter names in the optimizer's order: weights and embeddings (decayed), then norms."""
-    named = list(model.named_parameters())
-    return [n for n, p in named if p.dim() >= 2], [n for n, p in named if p.dim() < 2]
+def _parameter_groups(model: MoETransformer) -> tuple[list[str], list[str], list[str]]:
+    """Parameter names in the optimizer's order: weights and embeddings (decayed), norms, and
+    the routers' weights (not decayed: decay would pull the logits towards a uniform router,
+    working against the specialisation the router is there to learn)."""
+    named = [(n, p) for n, p in model.named_parameters()]
+    router = [n for n, _ in named if ".router." in n]
+    rest = [(n, p) for n, p in named if ".router." not in n]
+    return [n for n, p in rest if p.dim() >= 2], [n for n, p in rest if p.dim() < 2], router
 
 
 def steps_for_budget(model: MoETransformer, corpus: Corpus, config: TrainConfig, seconds: float,

@@ -13,7 +13,7 @@ from minimoe.experts import FeedForward
 from minimoe.inference import merge_experts, prune_experts
 from minimoe.layer import MoELayer
 from minimoe.model import MoETransformer, MoETransformerConfig
-from minimoe.routing import SwitchRouter, TopKRouter, make_router
+from minimoe.routing import NoisyTopKRouter, SwitchRouter, TopKRouter, make_router
 
 # ---- routed_scaling_factor ----
 
@@ -103,17 +103,29 @@ def test_switch_router_scales_its_single_probability():
 
 def test_config_plumbs_routed_scaling_factor_into_every_moe_router():
     small = dict(vocab_size=16, seq_len=8, d_model=16, n_layers=2, n_heads=2, d_hidden=8, num_experts=4, k=2)
-    assert MoETransformerConfig(**small).routed_scaling_factor == 1.0
-    for router in ("topk", "sigmoid_bias"):
+    for router in ("topk", "noisy_topk", "sigmoid_bias"):
         model = MoETransformer(MoETransformerConfig(**small, router=router, routed_scaling_factor=2.5))
-        routers = [module for module in model.modules() if isinstance(module, TopKRouter)]
+        routers = [layer.router for layer in model.moe_layers]
         assert len(routers) == 2 and all(r.routed_scaling_factor == 2.5 for r in routers)
-    default = MoETransformer(MoETransformerConfig(**small))
-    assert all(r.routed_scaling_factor == 1.0 for r in default.modules() if isinstance(r, TopKRouter))
-    with pytest.raises(ValueError, match=r"routed_scaling_factor must be > 0, got 0"):
+        # the default, None, is k: the k renormalised weights of every token sum to k
+        default = MoETransformer(MoETransformerConfig(**{**small, "k": 3}, router=router))
+        assert default.config.routed_scale == 3.0
+        x = torch.randint(0, 16, (2, 8))
+        default(x)
+        for layer in default.moe_layers:
+            torch.testing.assert_close(layer.last_routing.weights.sum(-1), torch.full((16,), 3.0))
+    with pytest.raises(ValueError, match=r"routed_scaling_factor must be > 0 or None \(k\), got 0"):
         MoETransformerConfig(**small, routed_scaling_factor=0)
-    with pytest.raises(ValueError, match=r"routed_scaling_factor must be 1 with router='noisy_topk' .*got 2"):
-        MoETransformerConfig(**small, router="noisy_topk", routed_scaling_factor=2)
+
+
+def test_noisy_topk_scales_its_softmax_over_the_kept_logits():
+    torch.manual_seed(0)
+    plain, scaled = NoisyTopKRouter(8, 6, 2).eval(), NoisyTopKRouter(8, 6, 2, routed_scaling_factor=2.0).eval()
+    scaled.load_state_dict(plain.state_dict())
+    x = torch.randn(5, 8)
+    a, b = plain(x), scaled(x)
+    assert torch.equal(a.expert_idx, b.expert_idx)
+    torch.testing.assert_close(b.weights, 2.0 * a.weights)
 
 
 @pytest.mark.parametrize(("build", "message"), [

@@ -157,3 +157,33 @@ def test_bad_inputs_name_the_argument():
         model.generate(torch.zeros(1, 1, dtype=torch.int64), 2, temperature=0)
     with pytest.raises(TypeError, match="config"):
         MoETransformer(dict(SMALL))
+
+
+@pytest.mark.parametrize("moe", [dict(num_experts=8, k=2, num_shared_experts=1), dict(num_experts=1, k=1)])
+def test_every_matrix_has_gpt2_init_and_residual_outputs_are_scaled_by_depth(moe):
+    """N(0, 0.02) for every matrix, experts and dense / shared FFNs included; attention's `out`
+    and every w_down at 0.02 / sqrt(2 n_layers); norms at weight 1, bias 0. Checked on the
+    sample std of each matrix (thousands of entries: within 10%)."""
+    config = MoETransformerConfig(**{**SMALL, **moe, "d_hidden": 64})
+    torch.manual_seed(0)
+    model = MoETransformer(config)
+    residual = 0.02 / (2 * config.n_layers) ** 0.5
+    expected = {}
+    for i, block in enumerate(model.blocks):
+        ffn = block.ffn.experts if isinstance(block.ffn, MoELayer) else block.ffn
+        expected.update({f"blocks.{i}.attn.qkv.weight": 0.02, f"blocks.{i}.attn.out.weight": residual,
+                         f"blocks.{i}.ffn.{'experts.' if ffn is not block.ffn else ''}w_gate": 0.02,
+                         f"blocks.{i}.ffn.{'experts.' if ffn is not block.ffn else ''}w_up": 0.02,
+                         f"blocks.{i}.ffn.{'experts.' if ffn is not block.ffn else ''}w_down": residual})
+        if config.num_shared_experts:
+            expected.update({f"blocks.{i}.ffn.shared.w_gate": 0.02, f"blocks.{i}.ffn.shared.w_up": 0.02,
+                             f"blocks.{i}.ffn.shared.w_down": residual, f"blocks.{i}.ffn.router.proj.weight": 0.02})
+    expected.update({"token_embedding.weight": 0.02, "position_embedding.weight": 0.02})
+    params = dict(model.named_parameters())
+    assert {n for n, p in params.items() if p.dim() >= 2} == set(expected)
+    for name, std in expected.items():
+        assert params[name].std().item() == pytest.approx(std, rel=0.1), name
+        assert abs(params[name].mean().item()) < 0.2 * std, name
+    for name, p in params.items():
+        if p.dim() == 1:
+            assert torch.equal(p, torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p)), name

@@ -143,3 +143,27 @@ def test_bad_arguments_name_themselves(corpus):
     with pytest.raises(TypeError, match="model must be an MoETransformer"):
         Trainer(torch.nn.Linear(2, 2), corpus)
     assert History().step == []
+
+
+def test_routers_get_their_own_undecayed_group_with_its_learning_rate(corpus):
+    """Three AdamW groups: matrices (decayed), norms, routers (weight_decay 0, lr * router_lr_scale);
+    one step moves the routers by exactly what AdamW without decay at that lr gives."""
+    torch.manual_seed(0)
+    model = MoETransformer(MoETransformerConfig(**TINY))
+    router = [p for layer in model.moe_layers for p in layer.router.parameters()]
+    start = [p.detach().clone() for p in router]
+    trainer = Trainer(model, corpus, TrainConfig(steps=5, batch_size=8, weight_decay=0.5, router_lr_scale=0.25,
+                                                 warmup_steps=0, grad_clip=0))
+    decay, norms, routers = trainer.optimizer.param_groups
+    assert {id(p) for p in routers["params"]} == {id(p) for p in router}
+    assert (decay["weight_decay"], norms["weight_decay"], routers["weight_decay"]) == (0.5, 0.0, 0.0)
+    assert not {id(p) for p in router} & {id(p) for p in decay["params"] + norms["params"]}
+    trainer.train_step()
+    assert routers["lr"] == pytest.approx(0.25 * trainer.config.lr) and decay["lr"] == pytest.approx(trainer.config.lr)
+    # Adam's first step (bias-corrected m = g, v = g^2) moves each weight by lr * g / (|g| + eps),
+    # with no decay term
+    for p, p0 in zip(router, start, strict=True):
+        expected = 0.25 * trainer.config.lr * p.grad / (p.grad.abs() + 1e-8)
+        torch.testing.assert_close(p0 - p.detach(), expected, rtol=1e-4, atol=1e-9)
+    with pytest.raises(ValueError, match=r"router_lr_scale must be > 0, got 0"):
+        TrainConfig(router_lr_scale=0)

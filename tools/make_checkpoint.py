@@ -34,8 +34,11 @@ OUT_DIR = ROOT / "course" / "checkpoints"
 DOMAINS = {"ch09_moe.pt": ("prose", "code", "arithmetic", "records"),
            "ch09_moe_no_arithmetic.pt": ("prose", "code", "records")}
 
-# chapter 07's small MoE GPT: 2 MoE blocks, 8 SwiGLU experts of width 64 each, top-2
-MODEL = MoETransformerConfig(d_model=64, n_layers=2, n_heads=4, seq_len=64, d_hidden=64, num_experts=8, k=2)
+# chapter 07's small MoE GPT: 2 MoE blocks, 8 SwiGLU experts of width 64 each, top-2, combine
+# weights summing to 1 (the shipped files predate the default routed_scaling_factor = k and the
+# GPT-2 init of the FFNs, so a rerun trains a model of the same config from another init)
+MODEL = MoETransformerConfig(d_model=64, n_layers=2, n_heads=4, seq_len=64, d_hidden=64, num_experts=8, k=2,
+                             routed_scaling_factor=1.0)
 TRAINING = TrainConfig(steps=300, batch_size=16, eval_every=100)
 
 
