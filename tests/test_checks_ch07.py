@@ -6,6 +6,7 @@ import torch
 from check_contract import contract_tests
 
 from minimoe.checks import ch07
+from minimoe.layer import MoELayer
 from minimoe.model import MoETransformer
 
 # ---- correct answers, written as a learner would ----
@@ -83,6 +84,38 @@ def mutual_information_nan_on_zeros(counts):
     return float((p * (p / independent).log2()).sum())
 
 
+def moe_from_dense(ffn, k, scale=None, zero_router=True, copies=False, shift_down=0):
+    h = ffn.d_hidden if copies else ffn.d_hidden // k
+    layer = MoELayer(ffn.d_model, h, k, k=k, activation=ffn.activation,
+                     routed_scaling_factor=float(k) if scale is None else scale).to(ffn.w_up.dtype)
+    def blocks(i):
+        return slice(0, h) if copies else slice(i % k * h, (i % k + 1) * h)
+
+    with torch.no_grad():
+        if zero_router:
+            layer.router.proj.weight.zero_()
+        for i in range(k):
+            if ffn.w_gate is not None:
+                layer.experts.w_gate[i].copy_(ffn.w_gate[:, blocks(i)])
+            layer.experts.w_up[i].copy_(ffn.w_up[:, blocks(i)])
+            layer.experts.w_down[i].copy_(ffn.w_down[blocks(i + shift_down), :])
+    return layer
+
+
+def moe_from_dense_by_state_dict(ffn, k):
+    """Another path: the experts' tensors built by chunking and stacking, loaded as a state dict."""
+    layer = MoELayer(ffn.d_model, ffn.d_hidden // k, k, k=k, activation=ffn.activation,
+                     routed_scaling_factor=float(k)).to(ffn.w_up.dtype)
+    state = layer.state_dict()
+    state["router.proj.weight"] = torch.zeros_like(state["router.proj.weight"])
+    for name in ("w_gate", "w_up"):
+        if getattr(ffn, name) is not None:
+            state[f"experts.{name}"] = torch.stack(getattr(ffn, name).detach().chunk(k, dim=1))
+    state["experts.w_down"] = torch.stack(ffn.w_down.detach().chunk(k, dim=0))
+    layer.load_state_dict(state)
+    return layer
+
+
 CASES = [
     (ch07.check_block_forward, "7.1", [block_forward, lambda block, x: block(x)], [
         lambda block, x: block.ln1(x + block.attn(x)) + block.ffn(block.ln2(x)),            # post-norm
@@ -110,6 +143,13 @@ CASES = [
         mutual_information_nan_on_zeros,
         lambda counts: float(entropy(counts.double().numpy().sum(0) / counts.sum().item())),  # H(expert)
         lambda counts: mutual_information(counts.T[:, :1].repeat(1, 2)),                    # wrong table
+    ]),
+    (ch07.check_moe_from_dense, "7.5", [moe_from_dense, moe_from_dense_by_state_dict], [
+        lambda ffn, k: moe_from_dense(ffn, k, scale=1.0),                                   # averages the blocks
+        lambda ffn, k: moe_from_dense(ffn, k, zero_router=False),                           # a trained-looking router
+        lambda ffn, k: moe_from_dense(ffn, k, scale=1.0, copies=True),                      # k full copies
+        lambda ffn, k: moe_from_dense(ffn, k, shift_down=1),                                # w_down of the next block
+        lambda ffn, k: ffn,                                                                  # not an MoE layer
     ]),
 ]
 

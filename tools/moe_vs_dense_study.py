@@ -48,6 +48,7 @@ VARIANTS = {
     "E8k1": (dict(num_experts=8, k=1), {}),
     "E16k2": (dict(num_experts=16, k=2), {}),
     "E16k4": (dict(num_experts=16, k=4), {}),
+    "E32k4": (dict(num_experts=32, k=4), {}),
     "E32k8": (dict(num_experts=32, k=8), {}),
     "E16k3_shared": (dict(num_experts=16, k=3, num_shared_experts=1), {}),
     "E16k4_router_lr0.3": (dict(num_experts=16, k=4), dict(router_lr_scale=0.3)),

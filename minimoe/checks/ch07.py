@@ -5,19 +5,23 @@
 7.3 specialization_counts(domains, expert_idx, num_domains, num_experts)
                                      [D, E] int64: how often a token of domain c is sent to expert e
 7.4 mutual_information(counts)       float: I(domain; expert) in bits from a [D, E] count table
+7.5 moe_from_dense(ffn, k)           MoELayer with E = k experts, the k column blocks of a dense FFN,
+                                     computing exactly what the FFN computes (the scaling identity)
 
-References: `minimoe.model.Block.forward`, `MoETransformer.num_params(active=True)` (itself tested
+References: the dense `FeedForward` itself (7.5), `minimoe.model.Block.forward`, `MoETransformer.num_params(active=True)` (itself tested
 against the formula written out), `minimoe.metrics.specialization` and `mutual_information`.
 """
 
 import numpy as np
 import torch
 
-from minimoe.checks import run_check
+from minimoe.checks import CheckFailure, require_function, run_check
+from minimoe.experts import FeedForward
 from minimoe.metrics import mutual_information, specialization
 from minimoe.model import Block, MoETransformer, MoETransformerConfig
 
-__all__ = ["check_active_params", "check_block_forward", "check_mutual_information", "check_specialization_counts"]
+__all__ = ["check_active_params", "check_block_forward", "check_moe_from_dense", "check_mutual_information",
+           "check_specialization_counts"]
 
 
 def _config(rng: np.random.Generator) -> MoETransformerConfig:
@@ -95,3 +99,32 @@ def check_mutual_information(learner_mutual_information):
         return (torch.from_numpy(counts),)
 
     run_check("7.4", learner_mutual_information, mutual_information, make_inputs, atol=1e-9, rtol=1e-6)
+
+
+def check_moe_from_dense(learner_moe_from_dense):
+    """Task 7.5: moe_from_dense(ffn, k) -> an MoELayer whose k experts of width h / k are the
+    column blocks of `ffn` (width h) and whose output equals ffn(x). Compared: the layer's output
+    on x [B, L, d] and the shape of its experts' w_up, [k, d, h / k]."""
+    require_function("7.5", learner_moe_from_dense)
+
+    def make_inputs(rng):
+        k = int(rng.integers(2, 5))
+        d, h = int(rng.integers(3, 9)), k * int(rng.integers(2, 6))
+        torch.manual_seed(int(rng.integers(2**31)))
+        ffn = FeedForward(d, h, activation=("swiglu", "gelu")[int(rng.integers(2))])
+        x = torch.from_numpy(rng.standard_normal((2, int(rng.integers(2, 7)), d)).astype(np.float32))
+        return ffn, k, x
+
+    def learner(ffn, k, x):
+        layer = learner_moe_from_dense(ffn, k)
+        if not isinstance(layer, torch.nn.Module) or not hasattr(layer, "experts"):
+            raise CheckFailure(f"task 7.5: expected an MoELayer, got {type(layer).__name__}")
+        dtype = next(layer.parameters()).dtype
+        with torch.no_grad():
+            return layer(x.to(dtype)).to(x.dtype), tuple(layer.experts.w_up.shape)
+
+    def reference(ffn, k, x):
+        with torch.no_grad():
+            return ffn(x), (k, ffn.d_model, ffn.d_hidden // k)
+
+    run_check("7.5", learner, reference, make_inputs, atol=1e-5, rtol=1e-4)

@@ -40,6 +40,7 @@ IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
     "7.2": ("minimoe.model.MoETransformer",),
     "7.3": ("minimoe.metrics.specialization",),
     "7.4": ("minimoe.metrics.mutual_information",),
+    "7.5": (),  # building the MoELayer is the task; no minimoe function splits a dense FFN
     "8.1": ("minimoe.metrics.max_violation", "minimoe.metrics.coefficient_of_variation"),
     "8.2": ("minimoe.monitor.diagnose",),
     "8.3": ("minimoe.routing.TopKRouter", "minimoe.losses.load_balancing_loss", "minimoe.losses.router_z_loss",
