@@ -151,7 +151,8 @@ def _sources(a: torch.Tensor, plan: DispatchPlan) -> tuple[torch.Tensor, int]:
 def _launch(a, w, weights, plan, block_m):
     """The kernel's [T*k, N] output (zero rows where dropped) on checked, contiguous inputs."""
     num_assignments, (K, N) = plan.kept.numel(), w.shape[1:]
-    out = a.new_zeros(num_assignments, N)
+    dropless = plan.order.numel() == num_assignments  # then the kernel writes every row
+    out = a.new_empty(num_assignments, N) if dropless and K else a.new_zeros(num_assignments, N)
     tiles = tile_schedule(plan.tokens_per_expert, block_m)
     if tiles.numel() == 0 or N == 0 or K == 0:
         return out
