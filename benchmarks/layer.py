@@ -103,7 +103,8 @@ def implementations(cfg: Config, with_token_loop: bool = False, device: str = "c
     for impl in ("eager", "grouped_mm"):
         block = hf_mixtral_block(layer, impl)
         if block is not None:
-            fns[f"HF Mixtral block ({impl})"] = lambda x, b=block.to(device): b(x[None])[0]
+            block.to(device)
+            fns[f"HF Mixtral block ({impl})"] = lambda x, b=block: b(x[None])[0]
     if with_token_loop:
         fns["per-token loop (reference)"] = lambda x: moe_loop(layer, x)
     return fns

@@ -149,7 +149,7 @@ def tile_schedule_ignoring_experts(counts, block_m):
 
 def expert_weight_grad(x, token_idx, grad, counts):
     splits = counts.tolist()
-    return torch.stack([xe.t() @ ge for xe, ge in zip(x[token_idx].split(splits), grad.split(splits))])
+    return torch.stack([xe.t() @ ge for xe, ge in zip(x[token_idx].split(splits), grad.split(splits), strict=True)])
 
 
 def expert_weight_grad_outer(x, token_idx, grad, counts):

@@ -51,7 +51,7 @@ def test_tile_schedule_covers_every_row_once_within_its_expert(counts, block_m):
     covered = [r for rows in rows_of(tiles, counts, block_m) for r in rows]
     assert sorted(covered) == list(range(int(counts.sum())))  # every row once
     starts = torch.cumsum(counts, 0) - counts
-    for (e, start), rows in zip(tiles.tolist(), rows_of(tiles, counts, block_m)):
+    for (e, start), rows in zip(tiles.tolist(), rows_of(tiles, counts, block_m), strict=True):
         assert counts[e] > 0 and rows  # no tile for an empty expert, none empty
         assert starts[e] <= start and rows[-1] < starts[e] + counts[e]  # never crosses into another expert
     assert tiles[:, 0].tolist() == sorted(tiles[:, 0].tolist())
@@ -85,7 +85,8 @@ def test_gather_matmul_equals_a_loop_forward_and_backward(per_assignment_rows, w
     assert plan.tokens_per_expert[-1] == 0 and not plan.kept.all()
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     probe = torch.randn_like(out)
-    for got, want in zip(torch.autograd.grad(out, inputs, probe), torch.autograd.grad(expected, inputs, probe)):
+    for got, want in zip(torch.autograd.grad(out, inputs, probe), torch.autograd.grad(expected, inputs, probe),
+                         strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -125,7 +126,7 @@ def test_grouped_experts_equal_the_per_token_loop(num_tokens, E, k, d, h, capaci
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
     params = [x, *layer.parameters()]  # x, the router, w_gate (swiglu), w_up, w_down
     for got, want in zip(torch.autograd.grad(out.square().sum(), params),
-                         torch.autograd.grad(expected.square().sum(), params)):
+                         torch.autograd.grad(expected.square().sum(), params), strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
@@ -162,7 +163,7 @@ def test_layer_backend_triton_gemm_equals_the_torch_backend():
         out = layer(x)
         results.append((out, *torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])))
     assert layer.stats.dropped_fraction > 0
-    for got, want in zip(results[1], results[0]):
+    for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
@@ -182,7 +183,7 @@ def test_expert_weight_grad_equals_autograd_of_a_loop():
     grad = torch.randn(7, 9)
     w = torch.randn(3, 5, 9, requires_grad=True)
     expert_of = torch.repeat_interleave(torch.arange(3), counts)
-    out = torch.stack([a[r] @ w[e] for r, e in zip(rows.tolist(), expert_of.tolist())])
+    out = torch.stack([a[r] @ w[e] for r, e in zip(rows.tolist(), expert_of.tolist(), strict=True)])
     (expected,) = torch.autograd.grad(out, w, grad)
     torch.testing.assert_close(gg.expert_weight_grad(a, rows, grad, counts), expected)
 
@@ -231,7 +232,7 @@ def test_grouped_experts_and_weight_grad_reject_bad_input():
         gg.grouped_experts(x, plan, None, Int8Experts(layer.experts))
     with pytest.raises(ValueError, match="x must have 4 columns"):
         gg.grouped_experts(x[:, :3], plan, None, layer.experts)
-    with pytest.raises(ValueError, match=r"grad's rows \(2\) and tokens_per_expert's sum \(3\) must equal rows' length 3"):
+    with pytest.raises(ValueError, match=r"grad's rows \(2\) and tokens_per_expert's sum \(3\) must equal rows' len"):
         gg.expert_weight_grad(x, torch.tensor([0, 1, 2]), torch.randn(2, 5), torch.tensor([1, 2]))
 
 
