@@ -280,3 +280,11 @@ print("compiled")
             pytest.skip(f"Triton's CUDA compiler is not usable here: {error.stderr.splitlines()[-1]}")
         raise AssertionError(error.stderr) from None
     assert out.strip() == "compiled"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script runs its checks")
+def test_gpu_check_without_a_gpu_says_so_and_fails():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), os.devnull], capture_output=True,
+                            text=True, env=env, cwd=ROOT)
+    assert result.returncode == 1 and "needs a CUDA GPU, and torch sees none" in result.stderr
