@@ -3,6 +3,7 @@
     python benchmarks/layer.py                 # all configs, 2 threads
     python benchmarks/layer.py --repeats 9 --threads 2 --config fine-grained
     python benchmarks/layer.py --default-malloc   # glibc's allocator settings as they are
+    python benchmarks/layer.py --device cuda      # on a GPU, with MoELayer's Triton backends too
 
 Every implementation computes the same function with the same weights (checked before timing).
 Runs are interleaved (A B C A B C ...) so that drift in machine speed hits all of them alike;
@@ -17,6 +18,7 @@ memory for reuse, as PyTorch's CPU performance guide advises (or jemalloc / tcma
 """
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -83,19 +85,25 @@ def hf_mixtral_block(layer: MoELayer, implementation: str):
     return block
 
 
-def implementations(cfg: Config, with_token_loop: bool = False) -> dict[str, Callable]:
-    """name -> function(x) of the same MoE (and the dense FFN with hidden k*h: same active FLOPs)."""
+def implementations(cfg: Config, with_token_loop: bool = False, device: str = "cpu") -> dict[str, Callable]:
+    """name -> function(x) of the same MoE (and the dense FFN with hidden k*h: same active FLOPs),
+    on `device`; on a GPU also MoELayer with its Triton backends (on a CPU they would only be interpreted)."""
     torch.manual_seed(0)
-    layer = MoELayer(cfg.d_model, cfg.d_hidden, cfg.num_experts, cfg.k)
-    dense = FeedForward(cfg.d_model, cfg.k * cfg.d_hidden)
+    layer = MoELayer(cfg.d_model, cfg.d_hidden, cfg.num_experts, cfg.k).to(device)
+    dense = FeedForward(cfg.d_model, cfg.k * cfg.d_hidden).to(device)
     fns = {
         "minimoe MoELayer": layer,
         f"dense SwiGLU, hidden k*h={cfg.k * cfg.d_hidden}": dense,
         "loop over experts": lambda x: expert_loop(layer, x),
     }
+    if device == "cuda":
+        for backend in ("triton", "triton_gemm"):
+            fns[f"minimoe MoELayer, backend={backend}"] = copy.deepcopy(layer)
+            fns[f"minimoe MoELayer, backend={backend}"].backend = backend
     for impl in ("eager", "grouped_mm"):
         block = hf_mixtral_block(layer, impl)
         if block is not None:
+            block.to(device)
             fns[f"HF Mixtral block ({impl})"] = lambda x, b=block: b(x[None])[0]
     if with_token_loop:
         fns["per-token loop (reference)"] = lambda x: moe_loop(layer, x)
@@ -119,11 +127,19 @@ def time_side_by_side(fns: dict[str, Callable], x: torch.Tensor, repeats: int = 
     for rep in range(repeats + 1):
         for name, fn in fns.items():
             xr = x.detach().requires_grad_()
+            _synchronize(x)
             start = time.perf_counter()
             fn(xr).backward(grad)
+            _synchronize(x)
             if rep > 0:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _synchronize(x: torch.Tensor) -> None:
+    """Wait for the GPU, so that the clock measures the work and not its launch."""
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
 
 
 def report(cfg: Config, medians: dict[str, float]) -> str:
@@ -140,18 +156,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--default-malloc", action="store_true", help="keep glibc's allocator defaults")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU, and torch sees none")
     tuned = all(os.environ.get(name) == value for name, value in REUSE_FREED_MEMORY.items())
     if not args.default_malloc and not tuned:  # glibc reads these only at process start
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **REUSE_FREED_MEMORY})
     torch.set_num_threads(args.threads)
     allocator = "glibc malloc, freed memory kept for reuse" if tuned else "glibc malloc, default settings"
-    print(f"torch {torch.__version__}, {args.threads} threads, float32, forward+backward, "
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
+    print(f"torch {torch.__version__}, {where}, float32, forward+backward, "
           f"median of {args.repeats} interleaved runs, {allocator}\n")
     for name in args.config or ["tiny", "mixtral-like", "fine-grained"]:
         cfg = CONFIGS[name]
-        fns = implementations(cfg, with_token_loop=name == "tiny")
-        x = torch.randn(cfg.tokens, cfg.d_model)
+        fns = implementations(cfg, with_token_loop=name == "tiny", device=args.device)
+        x = torch.randn(cfg.tokens, cfg.d_model, device=args.device)
         check_equal(fns, x)
         print(report(cfg, time_side_by_side(fns, x, args.repeats)), "\n")
 

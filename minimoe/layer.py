@@ -19,7 +19,7 @@ from minimoe.losses import _load_balancing_loss, router_z_loss
 from minimoe.metrics import MoEStats, routing_stats
 from minimoe.routing import ExpertChoiceRouter, Router, Routing, make_router
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "triton_gemm")
 
 
 def _dispatch_functions(backend: str):
@@ -52,7 +52,9 @@ class MoELayer(nn.Module):
         Linear d_model -> 1, scales the shared experts' output per token by sigmoid(x @ g)
         (Qwen2-MoE's shared_expert_gate).
     backend: "torch" permutes with index_select / index_add; "triton" with the kernels of
-        `minimoe.kernels` (compiled on a GPU, interpreted and slow on CPU), same results.
+        `minimoe.kernels` (compiled on a GPU, interpreted and slow on CPU), same results;
+        "triton_gemm" runs the experts as `minimoe.grouped_gemm.grouped_experts`, gathered
+        GEMMs with the combine weight in the epilogue and no permuted copy (needs `Experts`).
     available_experts: None (all experts usable) or a bool [E] tensor, checked when set (e.g. at
         inference, when experts fail or are offloaded); the router never selects a False expert
         and renormalises the weights over the rest (a HashRouter refuses a mask with any False).
@@ -158,11 +160,15 @@ class MoELayer(nn.Module):
         plan = _make_plan(routing.expert_idx, self.num_experts, capacity, self.drop_policy,
                           routing.weights, routing.mask)
 
-        # the combine weights scale rows inside the experts, where it is cheapest
-        permute_fn, unpermute_fn = _dispatch_functions(self.backend)
-        expert_out = self.experts._forward(permute_fn(tokens, plan), plan.tokens_per_expert,
-                                           sorted_weights(routing.weights, plan))
-        out = unpermute_fn(expert_out, plan, weights=None)
+        if self.backend == "triton_gemm":
+            from minimoe.grouped_gemm import grouped_experts  # imported when asked for: it sets up Triton
+            out = grouped_experts(tokens, plan, routing.weights, self.experts)
+        else:
+            # the combine weights scale rows inside the experts, where it is cheapest
+            permute_fn, unpermute_fn = _dispatch_functions(self.backend)
+            expert_out = self.experts._forward(permute_fn(tokens, plan), plan.tokens_per_expert,
+                                               sorted_weights(routing.weights, plan))
+            out = unpermute_fn(expert_out, plan, weights=None)
         if self.shared is not None:
             shared = self.shared(tokens)
             if self.shared_gate is not None:

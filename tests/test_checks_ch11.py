@@ -1,7 +1,8 @@
-"""minimoe.checks.ch11: every check passes correct Triton kernels (two styles each), fails common
-wrong ones with a message naming the task (writing outside `out` included, caught by the guard
-zones), and says "not implemented" for the exercise's stub. The kernels run under the Triton
-interpreter on CPU (minimoe.kernels sets TRITON_INTERPRET=1 before any kernel below is defined)."""
+"""minimoe.checks.ch11: every check passes correct answers (two styles each: Triton kernels for
+11.1, torch for 11.2-11.4), fails common wrong ones with a message naming the task (writing
+outside `out` included, caught by the guard zones), and says "not implemented" for the
+exercise's stub. The kernels run under the Triton interpreter on CPU (tests/conftest.py sets
+TRITON_INTERPRET=1 before any kernel below is defined)."""
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 from check_contract import contract_tests
 
 from minimoe import kernels
-from minimoe.checks import ch11
+from minimoe.checks import ch11, read_check
 
 if kernels.MODE == "torch":
     pytest.skip("Triton cannot run here (it is Linux-only): the chapter 11 checks need it", allow_module_level=True)
@@ -105,161 +106,81 @@ def destinations_slot_major(plan):
     return destinations(plan).reshape(k, num_tokens).t()
 
 
-# ---- 11.3 permute: correct kernels ----
+# ---- 11.3 tile_schedule ----
 
-@triton.jit
-def permute_kernel(x_ptr, dest_ptr, out_ptr, d, K: tl.constexpr, BLOCK: tl.constexpr):
-    t = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    row = tl.load(x_ptr + t * d + cols, mask=cols < d)
-    for j in tl.static_range(K):
-        r = tl.load(dest_ptr + t * K + j)
-        if r >= 0:
-            tl.store(out_ptr + r * d + cols, row, mask=cols < d)
+def tile_schedule(counts, block_m):
+    tiles = (counts + block_m - 1) // block_m
+    expert = torch.repeat_interleave(torch.arange(counts.numel()), tiles)
+    first_tile = torch.cumsum(tiles, 0) - tiles
+    offset = torch.cumsum(counts, 0) - counts
+    return torch.stack([expert, offset[expert] + block_m * (torch.arange(expert.numel()) - first_tile[expert])], 1)
 
 
-def permute(x, dest, out, block=16):
-    num_tokens, k = dest.shape
-    permute_kernel[(num_tokens, triton.cdiv(x.shape[1], block))](x, dest, out, x.shape[1], K=k, BLOCK=block)
+def tile_schedule_loop(counts, block_m):
+    table, offset = [], 0
+    for e, n in enumerate(counts.tolist()):
+        table += [[e, start] for start in range(offset, offset + n, block_m)]
+        offset += n
+    return torch.tensor(table, dtype=torch.int64).view(-1, 2)
 
 
-@triton.jit
-def permute_per_assignment_kernel(x_ptr, dest_ptr, out_ptr, d, k, BLOCK: tl.constexpr):
-    """One program per assignment a = t * k + j (reads each token k times: correct, slower)."""
-    a = tl.program_id(0)
-    r = tl.load(dest_ptr + a)
-    if r >= 0:
-        cols = tl.arange(0, BLOCK)
-        tl.store(out_ptr + r * d + cols, tl.load(x_ptr + (a // k) * d + cols, mask=cols < d), mask=cols < d)
+def tile_schedule_floor(counts, block_m):
+    """Drops each expert's partial last tile."""
+    return tile_schedule_with(counts, block_m, lambda n: n // block_m)
 
 
-def permute_per_assignment(x, dest, out):
-    permute_per_assignment_kernel[(dest.numel(),)](x, dest, out, x.shape[1], dest.shape[1],
-                                                   BLOCK=triton.next_power_of_2(x.shape[1]))
+def tile_schedule_with(counts, block_m, num_tiles, offset_of=None):
+    table, offset = [], 0
+    for e, n in enumerate(counts.tolist()):
+        start = offset if offset_of is None else offset_of(offset)
+        table += [[e, start + i * block_m] for i in range(num_tiles(n))]
+        offset += n
+    return torch.tensor(table, dtype=torch.int64).view(-1, 2)
 
 
-# ---- 11.3 wrong ----
-
-@triton.jit
-def permute_clamping_kernel(x_ptr, dest_ptr, out_ptr, d, K: tl.constexpr, BLOCK: tl.constexpr):
-    """Sends dropped assignments to row 0 instead of skipping them."""
-    t = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    row = tl.load(x_ptr + t * d + cols, mask=cols < d)
-    for j in tl.static_range(K):
-        r = tl.maximum(tl.load(dest_ptr + t * K + j), 0)
-        tl.store(out_ptr + r * d + cols, row, mask=cols < d)
+def tile_schedule_ignoring_experts(counts, block_m):
+    """Tiles the sorted rows as one matrix: a tile can hold two experts' rows."""
+    starts = torch.arange(0, int(counts.sum()), block_m)
+    expert = torch.searchsorted(torch.cumsum(counts, 0), starts, right=True)
+    return torch.stack([expert, starts], 1)
 
 
-@triton.jit
-def permute_not_skipping_kernel(x_ptr, dest_ptr, out_ptr, d, K: tl.constexpr, BLOCK: tl.constexpr):
-    """Writes dropped assignments to row -1, just before out (the guard zone catches it)."""
-    t = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    row = tl.load(x_ptr + t * d + cols, mask=cols < d)
-    for j in tl.static_range(K):
-        tl.store(out_ptr + tl.load(dest_ptr + t * K + j) * d + cols, row, mask=cols < d)
+# ---- 11.4 expert_weight_grad ----
+
+def expert_weight_grad(x, token_idx, grad, counts):
+    splits = counts.tolist()
+    return torch.stack([xe.t() @ ge for xe, ge in zip(x[token_idx].split(splits), grad.split(splits), strict=True)])
 
 
-@triton.jit
-def permute_slot_major_kernel(x_ptr, dest_ptr, out_ptr, d, T, K: tl.constexpr, BLOCK: tl.constexpr):
-    """Reads dest[j, t] as if dest were [k, T]."""
-    t = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    row = tl.load(x_ptr + t * d + cols, mask=cols < d)
-    for j in tl.static_range(K):
-        r = tl.load(dest_ptr + j * T + t)
-        if r >= 0:
-            tl.store(out_ptr + r * d + cols, row, mask=cols < d)
+def expert_weight_grad_outer(x, token_idx, grad, counts):
+    """Every row's outer product, added into its expert's matrix."""
+    expert = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    outer = x[token_idx][:, :, None] * grad[:, None, :]
+    return outer.new_zeros(counts.numel(), x.shape[1], grad.shape[1]).index_add(0, expert, outer)
 
 
-def launch_permute(kernel, with_tokens=False):
-    def run(x, dest, out):
-        num_tokens, k = dest.shape
-        extra = (num_tokens,) if with_tokens else ()
-        kernel[(num_tokens, triton.cdiv(x.shape[1], 16))](x, dest, out, x.shape[1], *extra, K=k, BLOCK=16)
-    return run
+def expert_weight_grad_transposed(x, token_idx, grad, counts):
+    return expert_weight_grad(x, token_idx, grad, counts).transpose(1, 2)
 
 
-# ---- 11.4 unpermute: correct kernels ----
-
-@triton.jit
-def unpermute_kernel(y_ptr, dest_ptr, w_ptr, out_ptr, d, K: tl.constexpr, BLOCK: tl.constexpr):
-    t = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for j in tl.static_range(K):
-        r = tl.load(dest_ptr + t * K + j)
-        if r >= 0:
-            acc += tl.load(w_ptr + t * K + j) * tl.load(y_ptr + r * d + cols, mask=cols < d)
-    tl.store(out_ptr + t * d + cols, acc, mask=cols < d)
+def expert_weight_grad_without_gather(x, token_idx, grad, counts):
+    """Reads the tokens in token order instead of through token_idx."""
+    rows = x.repeat(grad.shape[0] // x.shape[0] + 1, 1)[: grad.shape[0]]
+    return expert_weight_grad(rows, torch.arange(grad.shape[0]), grad, counts)
 
 
-def unpermute(y, dest, weights, out, block=16):
-    num_tokens, k = dest.shape
-    unpermute_kernel[(num_tokens, triton.cdiv(y.shape[1], block))](y, dest, weights, out, y.shape[1], K=k,
-                                                                   BLOCK=block)
+def expert_weight_grad_busy_experts_only(x, token_idx, grad, counts):
+    """Leaves out the experts with no row."""
+    return expert_weight_grad(x, token_idx, grad, counts)[counts > 0]
 
 
-@triton.jit
-def unpermute_tile_kernel(y_ptr, dest_ptr, w_ptr, out_ptr, d, k, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr):
-    """All k rows of a token as one [BLOCK_K, BLOCK] tile, masked, then a weighted sum over axis 0."""
-    t = tl.program_id(0)
-    slots = tl.arange(0, BLOCK_K)
-    cols = tl.arange(0, BLOCK)
-    rows = tl.load(dest_ptr + t * k + slots, mask=slots < k, other=-1)
-    w = tl.load(w_ptr + t * k + slots, mask=slots < k, other=0.0)
-    tile = tl.load(y_ptr + rows[:, None] * d + cols[None, :], mask=(rows[:, None] >= 0) & (cols[None, :] < d),
-                   other=0.0)
-    tl.store(out_ptr + t * d + cols, tl.sum(tile * w[:, None], axis=0), mask=cols < d)
+def expert_weight_grad_mean(x, token_idx, grad, counts):
+    return expert_weight_grad(x, token_idx, grad, counts) / counts.clamp(min=1)[:, None, None]
 
 
-def unpermute_tile(y, dest, weights, out):
-    num_tokens, k = dest.shape
-    unpermute_tile_kernel[(num_tokens,)](y, dest, weights, out, y.shape[1], k, BLOCK_K=triton.next_power_of_2(k),
-                                         BLOCK=triton.next_power_of_2(y.shape[1]))
-
-
-# ---- 11.4 wrong ----
-
-@triton.jit
-def unpermute_variant_kernel(y_ptr, dest_ptr, w_ptr, out_ptr, d, K: tl.constexpr, BLOCK: tl.constexpr,
-                             MISTAKE: tl.constexpr):
-    t = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for j in tl.static_range(K):
-        r = tl.load(dest_ptr + t * K + j)
-        if MISTAKE == "no weights":
-            if r >= 0:
-                acc += tl.load(y_ptr + r * d + cols, mask=cols < d)
-        elif MISTAKE == "weight of the sorted row":  # w[r] instead of w[t, j]
-            if r >= 0:
-                acc += tl.load(w_ptr + r) * tl.load(y_ptr + r * d + cols, mask=cols < d)
-        elif MISTAKE == "dropped read as row 0":
-            r = tl.maximum(r, 0)
-            acc += tl.load(w_ptr + t * K + j) * tl.load(y_ptr + r * d + cols, mask=cols < d)
-        elif MISTAKE == "dropped not skipped":  # reads row -1: the NaN guard before y
-            acc += tl.load(w_ptr + t * K + j) * tl.load(y_ptr + r * d + cols, mask=cols < d)
-        elif MISTAKE == "first slot only":
-            if j == 0 and r >= 0:
-                acc += tl.load(w_ptr + t * K + j) * tl.load(y_ptr + r * d + cols, mask=cols < d)
-    tl.store(out_ptr + t * d + cols, acc, mask=cols < d)
-
-
-def unpermute_with(mistake):
-    def run(y, dest, weights, out):
-        num_tokens, k = dest.shape
-        unpermute_variant_kernel[(num_tokens, triton.cdiv(y.shape[1], 16))](y, dest, weights, out, y.shape[1], K=k,
-                                                                            BLOCK=16, MISTAKE=mistake)
-    return run
-
-
-def allocating_own_output(y, dest, weights, out):
-    """Computes the right values into a new tensor and returns it, leaving `out` untouched."""
-    mine = torch.empty_like(out)
-    unpermute(y, dest, weights, mine)
-    return mine
+def expert_weight_grad_reversed_splits(x, token_idx, grad, counts):
+    """Splits the rows by the counts in reverse order."""
+    return expert_weight_grad(x, token_idx, grad, counts.flip(0)).flip(0)
 
 
 CASES = [
@@ -272,15 +193,16 @@ CASES = [
     (ch11.check_destinations, "11.2", [destinations, destinations_loop], [
         destinations_zero_for_dropped, destinations_not_inverted, destinations_slot_major,
     ]),
-    (ch11.check_permute, "11.3", [permute, permute_per_assignment, lambda x, dest, out: permute(x, dest, out, 128)], [
-        launch_permute(permute_clamping_kernel),
-        launch_permute(permute_not_skipping_kernel),
-        launch_permute(permute_slot_major_kernel, with_tokens=True),
+    (ch11.check_tile_schedule, "11.3", [tile_schedule, tile_schedule_loop], [
+        tile_schedule_floor,
+        lambda counts, block_m: tile_schedule_with(counts, block_m, lambda n: max(1, -(-n // block_m))),
+        lambda counts, block_m: tile_schedule_with(counts, block_m, lambda n: n // block_m + 1),
+        lambda counts, block_m: tile_schedule_with(counts, block_m, lambda n: -(-n // block_m), lambda off: 0),
+        tile_schedule_ignoring_experts,
     ]),
-    (ch11.check_unpermute, "11.4", [unpermute, unpermute_tile], [
-        unpermute_with("no weights"), unpermute_with("weight of the sorted row"),
-        unpermute_with("dropped read as row 0"), unpermute_with("dropped not skipped"),
-        unpermute_with("first slot only"), allocating_own_output,
+    (ch11.check_expert_weight_grad, "11.4", [expert_weight_grad, expert_weight_grad_outer], [
+        expert_weight_grad_transposed, expert_weight_grad_without_gather, expert_weight_grad_busy_experts_only,
+        expert_weight_grad_mean, expert_weight_grad_reversed_splits,
     ]),
 ]
 
@@ -291,22 +213,22 @@ CASES = [
 
 
 @pytest.mark.parametrize(("wrong", "message"), [
-    (launch_permute(permute_not_skipping_kernel), "wrote outside `out`"),
-    (lambda x, dest, out: None, "`out` was not written"),
+    (launch_copy(copy_rows_unmasked_store_kernel), "wrote outside `out`"),
+    (lambda x, src, out: None, "`out` was not written"),
 ])
 def test_failures_explain_guard_and_unwritten_output(wrong, message):
     with pytest.raises(ch11.CheckFailure, match=message):
-        ch11.check_permute(wrong)
+        ch11.check_copy_rows(wrong)
 
 
 @triton.jit
-def stub_kernel(x_ptr, dest_ptr, out_ptr):
-    raise NotImplementedError("task 11.3")
+def stub_kernel(x_ptr, src_ptr, out_ptr):
+    raise NotImplementedError("task 11.1")
 
 
 def test_a_stub_kernel_behind_a_finished_launcher_is_not_implemented():
-    with pytest.raises(ch11.CheckFailure, match="task 11.3: not implemented"):
-        ch11.check_permute(lambda x, dest, out: stub_kernel[(1,)](x, dest, out))
+    with pytest.raises(ch11.CheckFailure, match="task 11.1: not implemented"):
+        ch11.check_copy_rows(lambda x, src, out: stub_kernel[(1,)](x, src, out))
 
 
 def test_plans_cover_drops_empty_experts_and_several_k():
@@ -317,7 +239,9 @@ def test_plans_cover_drops_empty_experts_and_several_k():
     assert len({p.kept.shape[1] for p in plans}) == 3
 
 
-def test_plan_from_dest_gives_back_the_plan():
-    plan = ch11._plan(np.random.default_rng(7))
-    again = ch11._plan_from_dest(kernels.destinations(plan))
-    assert torch.equal(again.order, plan.order) and torch.equal(again.kept, plan.kept)
+def test_tile_schedule_cases_have_an_empty_expert_an_exact_multiple_and_a_partial_tile():
+    check = read_check(ch11.check_tile_schedule, tile_schedule)
+    cases = [check.make_inputs(np.random.default_rng(1000 * case + 7)) for case in range(check.cases)]
+    for counts, block_m in cases:
+        assert (counts == 0).any() and ((counts > 0) & (counts % block_m == 0)).any()
+    assert any((counts % block_m != 0).any() for counts, block_m in cases)

@@ -2,18 +2,19 @@
 
 11.1 copy_rows(x, src, out)            fills out [n, d]: out[i] = x[src[i]]           (kernel + launch)
 11.2 destinations(plan)                dest [T, k] int64: the sorted row of assignment (t, j), -1 if dropped
-11.3 permute(x, dest, out)             fills out [S, d]: out[dest[t, j]] = x[t] where dest[t, j] >= 0
-11.4 unpermute(y, dest, weights, out)  fills out [T, d]: out[t] = sum over dest[t, j] >= 0 of
-                                       weights[t, j] * y[dest[t, j]]
+11.3 tile_schedule(counts, block_m)    [n_tiles, 2] int64: (expert, first sorted row) of each tile of the
+                                       grouped GEMM
+11.4 expert_weight_grad(x, token_idx, grad, counts)
+                                       [E, d, n]: dW[e] = sum over e's sorted rows i of x[token_idx[i]]^T grad[i]
 
-The kernels run under the Triton interpreter on CPU tensors (TRITON_INTERPRET=1, set before
-they are defined), or compiled on a GPU (tensors on cuda). Each `out` the check hands to the
+The kernel of 11.1 runs under the Triton interpreter on CPU tensors (TRITON_INTERPRET=1, set
+before it is defined), or compiled on a GPU (tensors on cuda). Each `out` the check hands to the
 learner sits in a larger buffer whose guard zones on both sides must come back untouched, so a
 missing mask fails with a clear message instead of corrupting memory; the float inputs sit
 between NaN guards, so reading outside them shows up as NaN; `out` starts as NaN, so a row never
 written shows up too. References: x[src], `minimoe.kernels.destinations`, and
-`minimoe.dispatch.permute` / `unpermute` on the plan the destination map describes. Plans have
-random T, d, E, k, capacity drops (some tokens lose every assignment) and experts with no token.
+`minimoe.grouped_gemm.tile_schedule` / `expert_weight_grad`. Plans have random T, d, E, k,
+capacity drops (some tokens lose every assignment) and experts with no token.
 """
 
 import numpy as np
@@ -22,9 +23,10 @@ import torch
 from minimoe import kernels
 from minimoe.checks import CheckFailure, require_function, run_check
 from minimoe.checks._inputs import random_floats
-from minimoe.dispatch import DispatchPlan, make_plan, permute, unpermute
+from minimoe.dispatch import DispatchPlan, make_plan
+from minimoe.grouped_gemm import expert_weight_grad, tile_schedule
 
-__all__ = ["check_copy_rows", "check_destinations", "check_permute", "check_unpermute"]
+__all__ = ["check_copy_rows", "check_destinations", "check_expert_weight_grad", "check_tile_schedule"]
 
 GUARD_FILL = 7.0  # the value out's guard zones hold before and must hold after the call
 
@@ -44,14 +46,6 @@ def _plan(rng: np.random.Generator) -> DispatchPlan:
     return make_plan(expert_idx, num_experts, capacity)
 
 
-def _plan_from_dest(dest: torch.Tensor) -> DispatchPlan:
-    """The DispatchPlan a destination map describes (permute / unpermute read order and kept)."""
-    kept = dest >= 0
-    order = torch.empty(int(kept.sum()), dtype=torch.int64)
-    order[dest[kept]] = kept.reshape(-1).nonzero().squeeze(1)
-    return DispatchPlan(order, torch.zeros(0, dtype=torch.int64), kept, None)
-
-
 def _guarded(values: torch.Tensor, margin: int, fill: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(view, buffer): values copied to the kernels' device, in the middle of a flat buffer with
     `margin` elements of `fill` on each side."""
@@ -62,7 +56,6 @@ def _guarded(values: torch.Tensor, margin: int, fill: float) -> tuple[torch.Tens
 
 
 COLUMNS_HINT = "mask the columns past d (cols < d)"
-DROPPED_HINT = COLUMNS_HINT + ", and skip dropped assignments (dest = -1)"
 
 
 def _run_guarded(task: str, learner_fn, inputs: tuple, out_shape: tuple[int, int], hint: str) -> torch.Tensor:
@@ -108,35 +101,27 @@ def check_destinations(learner_destinations):
     run_check("11.2", learner_destinations, kernels.destinations, lambda rng: (_plan(rng),), atol=0, rtol=0)
 
 
-def check_permute(learner_permute):
-    """Task 11.3: permute(x [T, d], dest [T, k], out [S, d]) fills out[dest[t, j]] = x[t] for every
-    kept assignment, with a Triton kernel."""
-    require_function("11.3", learner_permute)
+def check_tile_schedule(learner_tile_schedule):
+    """Task 11.3: tile_schedule(tokens_per_expert [E] int64, block_m) -> [n_tiles, 2] int64, the
+    (expert, first sorted row) of every tile, expert by expert and rows ascending; an expert with
+    n_e rows has ceil(n_e / block_m) tiles, an expert with none has none."""
+    def make_inputs(rng):
+        block_m = int(rng.choice([2, 4, 16]))
+        counts = rng.integers(0, 3 * block_m + 1, int(rng.integers(3, 9)))
+        slots = rng.permutation(counts.size)
+        counts[slots[0]], counts[slots[1]] = 0, block_m * int(rng.integers(1, 3))  # empty; an exact multiple
+        return torch.from_numpy(counts.astype(np.int64)), block_m
+
+    run_check("11.3", learner_tile_schedule, tile_schedule, make_inputs, atol=0, rtol=0)
+
+
+def check_expert_weight_grad(learner_expert_weight_grad):
+    """Task 11.4: expert_weight_grad(x [T, d], token_idx [S] int64, grad [S, n], tokens_per_expert [E])
+    -> [E, d, n], dW[e] = sum over the sorted rows i of expert e of x[token_idx[i]]^T grad[i]."""
     def make_inputs(rng):
         plan = _plan(rng)
-        return random_floats(rng, plan.kept.shape[0], int(rng.integers(1, 70))), kernels.destinations(plan)
+        num_tokens, d, n = plan.kept.shape[0], int(rng.integers(1, 13)), int(rng.integers(1, 13))
+        return (random_floats(rng, num_tokens, d), plan.token_idx, random_floats(rng, plan.order.numel(), n),
+                plan.tokens_per_expert)
 
-    def learner(x, dest):
-        return _run_guarded("11.3", learner_permute, (x, dest), (int((dest >= 0).sum()), x.shape[1]),
-                            DROPPED_HINT)
-
-    run_check("11.3", learner, lambda x, dest: permute(x, _plan_from_dest(dest)), make_inputs, atol=0, rtol=0)
-
-
-def check_unpermute(learner_unpermute):
-    """Task 11.4: unpermute(y [S, d], dest [T, k], weights [T, k], out [T, d]) fills
-    out[t] = sum over kept j of weights[t, j] * y[dest[t, j]] (zeros if all dropped), with a Triton kernel."""
-    require_function("11.4", learner_unpermute)
-    def make_inputs(rng):
-        plan = _plan(rng)
-        weights = torch.from_numpy(rng.random(plan.kept.shape).astype(np.float32))
-        return random_floats(rng, plan.order.numel(), int(rng.integers(1, 70))), kernels.destinations(plan), weights
-
-    def learner(y, dest, weights):
-        return _run_guarded("11.4", learner_unpermute, (y, dest, weights), (dest.shape[0], y.shape[1]),
-                            COLUMNS_HINT)
-
-    def reference(y, dest, weights):
-        return unpermute(y, _plan_from_dest(dest), weights)
-
-    run_check("11.4", learner, reference, make_inputs)
+    run_check("11.4", learner_expert_weight_grad, expert_weight_grad, make_inputs, atol=1e-5, rtol=1e-5)

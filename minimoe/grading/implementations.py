@@ -55,8 +55,9 @@ IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
     "10.4": ("minimoe.parallel.all_to_all_cost",),
     "11.1": ("minimoe.kernels.permute_rows", "minimoe.kernels.unpermute_rows"),
     "11.2": ("minimoe.kernels.destinations",),
-    "11.3": ("minimoe.kernels.permute_rows", "minimoe.kernels.triton_permute", "minimoe.dispatch.permute"),
-    "11.4": ("minimoe.kernels.unpermute_rows", "minimoe.kernels.triton_unpermute", "minimoe.dispatch.unpermute"),
+    "11.3": ("minimoe.grouped_gemm.tile_schedule",),
+    "11.4": ("minimoe.grouped_gemm.expert_weight_grad", "minimoe.grouped_gemm._expert_weight_grad",
+             "minimoe.grouped_gemm.gather_matmul", "minimoe.grouped_gemm.grouped_experts"),
 }
 
 
