@@ -447,8 +447,9 @@ def make_router(name: str, d_model: int, num_experts: int, k: int | None = 2, *,
     if scale != 1.0 and name not in ("topk", "noisy_topk", "switch", "sigmoid_bias"):
         raise ValueError(f"routed_scaling_factor must be 1 for the {name!r} router (only topk, noisy_topk, switch "
                          f"and sigmoid_bias scale their weights), got {routed_scaling_factor}")
-    if (name == "expert_choice") != (k is None) or (name == "switch" and k != 1) or (name == "gshard" and k != 2):
-        expected = {"expert_choice": "None (a token gets 0..E experts)", "switch": "1", "gshard": "2"}.get(name, "an int")
+    fixed_k = {"switch": 1, "gshard": 2}
+    if (name == "expert_choice") != (k is None) or fixed_k.get(name, k) != k:
+        expected = {"expert_choice": "None (a token gets 0..E experts)", **fixed_k}.get(name, "an int")
         raise ValueError(f"k must be {expected} for the {name!r} router, got k={k}")
     if (n_group, topk_group) != (1, 1):
         check_groups(num_experts, k, n_group, topk_group, router=name)
