@@ -8,6 +8,7 @@ from minimoe.metrics import MoEStats, routing_stats
 from minimoe.routing import (
     ROUTERS,
     ExpertChoiceRouter,
+    GShardRouter,
     HashRouter,
     NoisyTopKRouter,
     Router,
@@ -20,7 +21,7 @@ from minimoe.routing import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "ROUTERS", "DispatchPlan", "ExpertChoiceRouter", "Experts", "FeedForward", "HashRouter", "MoELayer", "MoEStats",
-    "NoisyTopKRouter", "Router", "Routing", "SwitchRouter", "TopKRouter", "expert_capacity",
+    "ROUTERS", "DispatchPlan", "ExpertChoiceRouter", "Experts", "FeedForward", "GShardRouter", "HashRouter", "MoELayer",
+    "MoEStats", "NoisyTopKRouter", "Router", "Routing", "SwitchRouter", "TopKRouter", "expert_capacity",
     "load_balancing_loss", "make_plan", "make_router", "permute", "router_z_loss", "routing_stats", "unpermute",
 ]

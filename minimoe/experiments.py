@@ -312,9 +312,12 @@ def capacity_sweep(capacity_factors=(0.5, 0.75, 1.0, 1.25, 1.5, 2.0), steps: int
 # 3. a zoo of routers on the same task and budget (chapter 04)
 # ---------------------------------------------------------------------------------------------
 
-ROUTER_K = {"topk": 2, "noisy_topk": 2, "switch": 1, "expert_choice": None, "sigmoid_bias": 2, "hash": 1}
-"""k of each router of the zoo (minimoe.routing.ROUTERS): two experts per token for the top-k
-routers, one for Switch and hashing; expert choice has none (on average capacity_factor)."""
+ROUTER_K = {"topk": 2, "noisy_topk": 2, "switch": 1, "expert_choice": None, "sigmoid_bias": 2, "hash": 1, "gshard": 2}
+"""k of each router of minimoe.routing.ROUTERS: two experts per token for the top-k routers
+(GShard's second only sometimes, in training), one for Switch and hashing; expert choice has
+none (on average capacity_factor)."""
+ZOO = ("topk", "noisy_topk", "switch", "expert_choice", "sigmoid_bias", "hash")
+"""compare_routers' default: chapter 04's six routers (GShard is run on its own there)."""
 
 
 @dataclass
@@ -343,13 +346,15 @@ class RouterComparison:
     accuracy: np.ndarray
 
 
-def compare_routers(routers=ROUTERS, steps: int = 300, seed: int = 0, *, aux_loss_coef: float = 0.1,
+def compare_routers(routers=ZOO, steps: int = 300, seed: int = 0, *, aux_loss_coef: float = 0.1,
                     bias_update_rate: float = 0.01, expert_choice_capacity: float = 1.0, lr: float = 1e-2,
                     batch_size: int = 256) -> RouterComparison:
     """Train one MoE (E=8, dropless) per router on `make_task()` with the same batches, steps and
     optimiser, and measure load balance, coverage and quality on the same held-out batch.
-    Each router is `minimoe.routing.make_router(name)` with the k of ROUTER_K. topk, noisy_topk
-    and switch train with aux_loss_coef * the Switch aux loss, as in their papers; expert choice
+    Each router is `minimoe.routing.make_router(name)` with the k of ROUTER_K; the default is
+    ZOO. topk, noisy_topk, switch and gshard train with aux_loss_coef * the Switch aux loss
+    (default 0.1, ten times Switch's alpha of 0.01): one loss for all, for comparability
+    (Shazeer et al. 2017 trained with their importance and load losses instead). Expert choice
     and hash routing are balanced by construction, sigmoid_bias by its bias.
     """
     if isinstance(routers, str):
@@ -364,7 +369,7 @@ def compare_routers(routers=ROUTERS, steps: int = 300, seed: int = 0, *, aux_los
             router = make_router(name, task.d_model, NUM_EXPERTS, ROUTER_K[name], bias_update_rate=bias_update_rate,
                                  capacity_factor=expert_choice_capacity, vocab_size=task.vocab_size, seed=seed)
             model = _model(task, router, routes_on_ids=name == "hash")
-            uses_aux = name in ("topk", "noisy_topk", "switch")
+            uses_aux = name in ("topk", "noisy_topk", "switch", "gshard")
             train_classifier(model, task, steps, batch_size=batch_size, lr=lr, seed=seed,
                              aux_loss_coef=aux_loss_coef if uses_aux else 0.0)
             results.append(evaluate_classifier(model, task))

@@ -10,6 +10,9 @@ bounded below by 1: f and P of one finite batch can anti-correlate slightly (L <
 as the balanced target, not a floor. Rows of `probs` are renormalised to sum to 1 first:
 a no-op for softmax scores, DeepSeek-V3's convention for sigmoid scores.
 
+gshard_aux_loss: GShard (Lepikhin et al. 2020, Algorithm 1): (1/E) sum_e (c_e/S) m_e with c_e the
+    tokens whose first choice is e; Switch's loss on the first choices / E^2.
+
 router_z_loss: ST-MoE (Zoph et al. 2022, eq. 5): mean over tokens of logsumexp(logits)^2.
 """
 
@@ -48,3 +51,21 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     if logits.shape[0] == 0:  # no tokens: no loss, still in the graph
         return logits.float().sum() * 0.0
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+def gshard_aux_loss(probs: torch.Tensor, expert_idx: torch.Tensor) -> torch.Tensor:
+    """GShard (Lepikhin et al. 2020, Algorithm 1): l_aux = (1/E) sum_e (c_e / S) m_e over a group
+    of S tokens, c_e = tokens whose FIRST choice (expert_idx[:, 0]) is e, counted before any
+    capacity or random drop [no gradient], m_e = mean over the tokens of probs[:, e] [the gradient].
+    probs [S, E], expert_idx [S, k >= 1] best first -> scalar. It is 1/E^2 for a uniform router
+    and 1/E when one expert takes every token with probability 1: Switch's loss on the first
+    choices divided by E^2 (GShard's lingvo code multiplies by E^2, which is Switch's scale)."""
+    _checks.tensor("probs", probs, ndim=2)
+    _checks.expert_ids("expert_idx", expert_idx, probs.shape[1])
+    if expert_idx.shape[0] != probs.shape[0] or expert_idx.shape[1] == 0:
+        raise ValueError(f"expert_idx must have shape ({probs.shape[0]}, k >= 1) like probs' rows, "
+                         f"got {tuple(expert_idx.shape)}")
+    if probs.shape[0] == 0:  # no tokens: no loss, still in the graph
+        return probs.sum() * 0.0
+    first = torch.bincount(expert_idx[:, 0].long(), minlength=probs.shape[1]).to(probs.dtype)
+    return (first / probs.shape[0] * probs.mean(0)).mean()

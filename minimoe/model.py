@@ -24,7 +24,7 @@ from minimoe import _checks
 from minimoe.experts import ACTIVATIONS, FeedForward
 from minimoe.layer import MoELayer, moe_layers
 from minimoe.metrics import MoEStats
-from minimoe.routing import make_router
+from minimoe.routing import check_groups, make_router
 
 MODEL_ROUTERS = ("topk", "noisy_topk", "sigmoid_bias")  # of minimoe.routing.ROUTERS, the causal ones with a k
 
@@ -49,6 +49,10 @@ class MoETransformerConfig:
         d_hidden, instead of averaging k experts (which shrinks the FFN's output, and under Adam
         its effective step, by k; chapter 07 measures what that costs). `routed_scale` is the
         value in use.
+    n_group, topk_group: DeepSeek-V3's group-limited selection in every MoE block (HF's names;
+        default 1, 1: plain top-k): k experts from the topk_group best of n_group contiguous
+        groups of experts (`minimoe.routing.check_groups` says what is allowed); router
+        "topk" with k >= 2 or "sigmoid_bias" only.
     aux_loss_coef, z_loss_coef: weights of the Switch load-balancing loss and the router z-loss,
         each summed over the MoE blocks, in the training loss.
     """
@@ -67,6 +71,8 @@ class MoETransformerConfig:
     router: str = "topk"
     bias_update_rate: float = 1e-3
     routed_scaling_factor: float | None = None
+    n_group: int = 1
+    topk_group: int = 1
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 1e-3
     activation: str = "swiglu"
@@ -89,6 +95,7 @@ class MoETransformerConfig:
         for name in ("bias_update_rate", "aux_loss_coef", "z_loss_coef"):
             _checks.non_negative(name, getattr(self, name))
         _checks.positive("routed_scaling_factor", self.routed_scaling_factor, none_means="k")
+        check_groups(self.num_experts, self.k, self.n_group, self.topk_group, router=self.router)
 
     @property
     def is_moe(self) -> bool:
@@ -111,7 +118,7 @@ class MoETransformerConfig:
         """The dense config whose FFNs have this config's active width: the same FLOPs per token
         (up to the router's d * E per MoE block)."""
         return replace(self, d_hidden=self.active_hidden, num_experts=1, k=1, num_shared_experts=0,
-                       capacity_factor=None)
+                       capacity_factor=None, n_group=1, topk_group=1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -142,7 +149,8 @@ class Block(nn.Module):
         if moe:
             router = make_router(config.router, d, config.num_experts, config.k,
                                  bias_update_rate=config.bias_update_rate,
-                                 routed_scaling_factor=config.routed_scale)
+                                 routed_scaling_factor=config.routed_scale, n_group=config.n_group,
+                                 topk_group=config.topk_group)
             self.ffn = MoELayer(d, config.d_hidden, config.num_experts, router=router,
                                 capacity_factor=config.capacity_factor,
                                 num_shared_experts=config.num_shared_experts, activation=config.activation)

@@ -55,7 +55,35 @@ def check_available_experts(available_experts: torch.Tensor | None, num_experts:
     return available_experts
 
 
-ROUTERS = ("topk", "noisy_topk", "switch", "expert_choice", "sigmoid_bias", "hash")  # make_router's names
+ROUTERS = ("topk", "noisy_topk", "switch", "expert_choice", "sigmoid_bias", "hash", "gshard")  # make_router's names
+
+
+GROUPED_ROUTERS = ("topk", "sigmoid_bias")  # make_router's names that take n_group / topk_group (topk: k >= 2)
+
+
+def check_groups(num_experts: int, k: int, n_group: int, topk_group: int, router: str | None = None) -> tuple[int, int]:
+    """Check DeepSeek-V3 group-limited selection (HF's names) -> (n_group, topk_group): n_group
+    divides num_experts into groups of at least 2 (a group scores the sum of its top-2) when
+    n_group > 1, 1 <= topk_group <= n_group, and k fits in the kept groups' experts. With
+    `router` (a make_router name), anything but n_group = topk_group = 1 needs one of
+    GROUPED_ROUTERS (topk with k >= 2: its k = 1 is the SwitchRouter)."""
+    n_group = _checks.positive_int("n_group", n_group)
+    topk_group = _checks.positive_int("topk_group", topk_group)
+    if router is not None and (n_group, topk_group) != (1, 1) and (router not in GROUPED_ROUTERS or k == 1):
+        raise ValueError(f"n_group and topk_group must be 1 for the {router!r} router with k={k} (only topk with "
+                         f"k >= 2 and sigmoid_bias limit their groups), got n_group={n_group}, topk_group={topk_group}")
+    if num_experts % n_group:
+        raise ValueError(f"n_group must divide num_experts={num_experts}, got n_group={n_group}")
+    group_size = num_experts // n_group
+    if n_group > 1 and group_size < 2:
+        raise ValueError(f"n_group must leave at least 2 experts per group (a group's score is the sum of its top-2 "
+                         f"scores), got n_group={n_group} for num_experts={num_experts}: groups of {group_size}")
+    if topk_group > n_group:
+        raise ValueError(f"topk_group must be in [1, n_group={n_group}], got topk_group={topk_group}")
+    if k > topk_group * group_size:
+        raise ValueError(f"k must be <= topk_group * num_experts / n_group = {topk_group} * {group_size} = "
+                         f"{topk_group * group_size} (the experts of the kept groups), got k={k}")
+    return n_group, topk_group
 
 
 class Router(nn.Module):
@@ -129,14 +157,14 @@ class TopKRouter(Router):
     DeepSeek-V2/V3 (DeepSeek-AI 2024), with Hugging Face's parameter names:
     routed_scaling_factor (> 0, default 1): multiplies the k combine weights [T, k], after
         the renormalisation; the shared experts' output is never scaled.
-    n_group, topk_group (default 1, 1): group-limited selection (DeepSeek-V3; HF's
-        DeepseekV3TopkRouter). The E experts form n_group contiguous groups of E / n_group;
-        a group's score is the sum of its top-min(2, E / n_group) selection scores (probs, plus
-        expert_bias when kept; masked experts at -inf, so a group with fewer available experts
-        than that scores -inf); each token keeps its topk_group best groups [T, topk_group] and
-        picks its k experts among their experts only. Weights come from the unbiased probs as
-        above. topk_group == n_group (n_group=1 among them) is plain top-k. HF needs
-        E / n_group >= 2 (it takes a top-2 per group); a group of one expert scores that expert.
+    n_group, topk_group (default 1, 1): group-limited selection (DeepSeek-V3, n_group=8,
+        topk_group=4: a token's experts sit on at most 4 nodes; HF's DeepseekV3TopkRouter).
+        The E experts form n_group contiguous groups of E / n_group >= 2; a group's score is
+        the sum of its top-2 selection scores (probs, plus expert_bias when kept; masked
+        experts at -inf, so a group with fewer than 2 available experts scores -inf); each
+        token keeps its topk_group best groups [T, topk_group] and picks its k experts among
+        their experts only. Weights come from the unbiased probs as above. topk_group ==
+        n_group (n_group=1 among them) is plain top-k. `check_groups` says what is allowed.
     """
 
     def __init__(self, d_model: int, num_experts: int, k: int = 2, *, score: str = "softmax",
@@ -148,16 +176,7 @@ class TopKRouter(Router):
         self.noise_std = _checks.non_negative("noise_std", noise_std)
         self.bias_update_rate = _checks.non_negative("bias_update_rate", bias_update_rate)
         self.routed_scaling_factor = _checks.positive("routed_scaling_factor", routed_scaling_factor)
-        self.n_group = _checks.positive_int("n_group", n_group)
-        if num_experts % self.n_group:
-            raise ValueError(f"n_group must divide num_experts={num_experts}, got n_group={n_group}")
-        self.topk_group = _checks.positive_int("topk_group", topk_group)
-        if self.topk_group > self.n_group:
-            raise ValueError(f"topk_group must be in [1, n_group={n_group}], got topk_group={topk_group}")
-        group_size = num_experts // self.n_group
-        if self.k > self.topk_group * group_size:
-            raise ValueError(f"k must be <= topk_group * num_experts / n_group = {topk_group} * {group_size} = "
-                             f"{self.topk_group * group_size} (the experts of the kept groups), got k={k}")
+        self.n_group, self.topk_group = check_groups(num_experts, self.k, n_group, topk_group)
         if self.bias_update_rate > 0:
             self.register_buffer("expert_bias", torch.zeros(num_experts))
         else:
@@ -171,13 +190,12 @@ class TopKRouter(Router):
     def check_available(self, available_experts: torch.Tensor | None) -> torch.Tensor | None:
         """As Router.check_available; with group-limited selection, the mask must also leave k
         experts in whichever topk_group groups a token may keep (groups scoring -inf, with fewer
-        than min(2, E / n_group) available experts, are kept only when too few others score higher)."""
+        than 2 available experts, are kept only when too few others score higher)."""
         available = super().check_available(available_experts)
         if available is not None and self.group_limited:
             group_size = self.num_experts // self.n_group
             counts = available.reshape(self.n_group, group_size).sum(-1).tolist()
-            scored = min(2, group_size)
-            worst = sorted(counts, key=lambda count: (count < scored, count))[:self.topk_group]
+            worst = sorted(counts, key=lambda count: (count < 2, count))[:self.topk_group]
             if sum(worst) < self.k:
                 raise ValueError(f"available_experts must leave at least k={self.k} experts in any "
                                  f"topk_group={self.topk_group} groups a token may keep (n_group={self.n_group}), "
@@ -186,10 +204,10 @@ class TopKRouter(Router):
 
     def _keep_groups(self, scores: torch.Tensor) -> torch.Tensor:
         """scores [T, E] (selection scores, masked experts at -inf) -> bool [T, E]: True for the
-        experts of each token's topk_group best groups (group score: sum of its top-min(2, size))."""
+        experts of each token's topk_group best groups (group score: the sum of its top-2)."""
         group_size = self.num_experts // self.n_group
         grouped = scores.reshape(scores.shape[0], self.n_group, group_size)
-        group_scores = grouped.topk(min(2, group_size), dim=-1).values.sum(-1)  # [T, n_group]
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [T, n_group]
         kept = group_scores.topk(self.topk_group, dim=-1).indices  # [T, topk_group]
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
         return keep.repeat_interleave(group_size, dim=1)
@@ -242,6 +260,43 @@ class SwitchRouter(TopKRouter):
     def __init__(self, d_model: int, num_experts: int, *, noise_std: float = 0.0, routed_scaling_factor: float = 1.0):
         super().__init__(d_model, num_experts, k=1, normalize=False, noise_std=noise_std,
                          routed_scaling_factor=routed_scaling_factor)
+
+
+class GShardRouter(Router):
+    """GShard top-2 gating (Lepikhin et al. 2020, Algorithm 1), k = 2.
+
+    probs = softmax(logits) [T, E]; e1, e2 the two best experts, g1 >= g2 their probs.
+    weights [T, 2] = (g1, g2) / (g1 + g2), normalised *before* the random drop and never after:
+        a token that loses its second expert keeps weight g1 / (g1 + g2) < 1 on the first.
+    mask [T, 2]: the first slot always True. In training the second is kept where
+        2 * weights[:, 1] > u, u ~ U(0, 1) [T] drawn by one torch.rand from torch's global
+        RNG: kept with probability 2 g2 / (g1 + g2) (<= 1, the min(1, .) is never needed).
+        A dropped second slot has mask False and weight 0. In eval mode both are kept (mask None).
+    Capacity is MoELayer's: its default "position" policy seats every first choice before any
+    second choice, as the algorithm does; a dropped second choice takes no seat.
+    The paper's aux loss is `minimoe.losses.gshard_aux_loss(probs, expert_idx)`; MoELayer's
+    `aux_loss` stays the Switch loss over the kept slots, as for every router.
+    available_experts (bool [E], at least 2 True): masked experts get logit -inf (probs 0, the
+    softmax over the rest) and are never chosen.
+    """
+
+    def __init__(self, d_model: int, num_experts: int):
+        super().__init__(d_model, num_experts, 2)
+
+    def _route(self, tokens, token_ids, available) -> Routing:
+        logits = self._logits(tokens)
+        routed = logits if available is None else logits.masked_fill(~available.to(logits.device), float("-inf"))
+        probs = routed.softmax(-1)
+        expert_idx = routed.topk(2, dim=-1).indices  # rank by the logits, as TopKRouter does
+        top2 = probs.gather(-1, expert_idx)
+        weights = top2 / top2.sum(-1, keepdim=True)
+        mask = None
+        if self.training:
+            keep_second = 2 * weights[:, 1].detach() > torch.rand(weights.shape[0], dtype=weights.dtype,
+                                                                   device=weights.device)
+            mask = torch.stack([torch.ones_like(keep_second), keep_second], dim=1)
+            weights = weights * mask
+        return Routing(logits, probs, expert_idx, weights, mask)
 
 
 class NoisyTopKRouter(Router):
@@ -371,9 +426,9 @@ class HashRouter(Router):
 
 def make_router(name: str, d_model: int, num_experts: int, k: int | None = 2, *, bias_update_rate: float = 1e-3,
                 capacity_factor: float = 1.0, vocab_size: int | None = None, seed: int = 0,
-                routed_scaling_factor: float = 1.0) -> Router:
+                routed_scaling_factor: float = 1.0, n_group: int = 1, topk_group: int = 1) -> Router:
     """The router ROUTERS calls `name`:
-    topk           TopKRouter(k): softmax, renormalised top-k (GShard, Mixtral); for k=1 the
+    topk           TopKRouter(k): softmax, renormalised top-k (Mixtral); for k=1 the
                    SwitchRouter (a renormalised single weight is 1: the router would get no
                    gradient from the output)
     noisy_topk     NoisyTopKRouter(k) (Shazeer et al. 2017)
@@ -381,21 +436,28 @@ def make_router(name: str, d_model: int, num_experts: int, k: int | None = 2, *,
     expert_choice  ExpertChoiceRouter(capacity_factor) (Zhou et al. 2022); k must be None
     sigmoid_bias   TopKRouter(k, score="sigmoid", bias_update_rate) (DeepSeek-V3)
     hash           HashRouter(vocab_size, k, seed) (Roller et al. 2021)
+    gshard         GShardRouter (Lepikhin et al. 2020): top-2, random routing of the second
+                   expert in training; k must be 2
     routed_scaling_factor (DeepSeek-V2/V3) goes to topk, noisy_topk, switch and sigmoid_bias;
-    the others take only the default 1.
+    group-limited selection n_group / topk_group (DeepSeek-V3) to topk with k >= 2 and
+    sigmoid_bias. The others take only the defaults (1; 1 and 1).
     """
     _checks.choice("name", name, ROUTERS)
     scale = _checks.positive("routed_scaling_factor", routed_scaling_factor)
     if scale != 1.0 and name not in ("topk", "noisy_topk", "switch", "sigmoid_bias"):
         raise ValueError(f"routed_scaling_factor must be 1 for the {name!r} router (only topk, noisy_topk, switch "
                          f"and sigmoid_bias scale their weights), got {routed_scaling_factor}")
-    if (name == "expert_choice") != (k is None) or (name == "switch" and k != 1):
-        expected = {"expert_choice": "None (a token gets 0..E experts)", "switch": "1"}.get(name, "an int")
+    fixed_k = {"switch": 1, "gshard": 2}
+    if (name == "expert_choice") != (k is None) or fixed_k.get(name, k) != k:
+        expected = {"expert_choice": "None (a token gets 0..E experts)", **fixed_k}.get(name, "an int")
         raise ValueError(f"k must be {expected} for the {name!r} router, got k={k}")
+    if (n_group, topk_group) != (1, 1):
+        check_groups(num_experts, k, n_group, topk_group, router=name)
+    groups = dict(n_group=n_group, topk_group=topk_group)
     if name == "topk":
         if k == 1:
             return SwitchRouter(d_model, num_experts, routed_scaling_factor=scale)
-        return TopKRouter(d_model, num_experts, k, routed_scaling_factor=scale)
+        return TopKRouter(d_model, num_experts, k, routed_scaling_factor=scale, **groups)
     if name == "noisy_topk":
         return NoisyTopKRouter(d_model, num_experts, k, routed_scaling_factor=scale)
     if name == "switch":
@@ -404,7 +466,9 @@ def make_router(name: str, d_model: int, num_experts: int, k: int | None = 2, *,
         return ExpertChoiceRouter(d_model, num_experts, capacity_factor)
     if name == "sigmoid_bias":
         return TopKRouter(d_model, num_experts, k, score="sigmoid", bias_update_rate=bias_update_rate,
-                          routed_scaling_factor=scale)
+                          routed_scaling_factor=scale, **groups)
+    if name == "gshard":
+        return GShardRouter(d_model, num_experts)
     if vocab_size is None:
         raise ValueError("vocab_size must be given for the 'hash' router, got None")
     return HashRouter(d_model, num_experts, vocab_size, k, seed)

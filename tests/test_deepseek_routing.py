@@ -220,7 +220,7 @@ def reference_route(router: TopKRouter, x: torch.Tensor, available=None):
         select = [p + b if a else -math.inf for p, b, a in zip(probs, bias, ok, strict=True)]
         group_score = []
         for g in range(G):
-            top = sorted(select[g * size:(g + 1) * size], reverse=True)[:min(2, size)]
+            top = sorted(select[g * size:(g + 1) * size], reverse=True)[:2]
             group_score.append(sum(top))
         groups = sorted(range(G), key=lambda g: -group_score[g])[:router.topk_group]
         candidates = [e for e in range(E) if e // size in groups and ok[e]]
@@ -241,7 +241,7 @@ def assert_matches(routing, reference, tol):
 
 
 @pytest.mark.parametrize(("E", "n_group", "topk_group", "k"), [
-    (8, 4, 2, 2), (16, 4, 2, 4), (12, 3, 1, 3), (6, 6, 3, 2), (16, 8, 3, 5), (8, 2, 2, 3), (8, 1, 1, 2)])
+    (8, 4, 2, 2), (16, 4, 2, 4), (12, 3, 1, 3), (12, 6, 3, 2), (16, 8, 3, 5), (8, 2, 2, 3), (8, 1, 1, 2)])
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("biased", [False, True])
 def test_group_limited_matches_a_per_token_loop(E, n_group, topk_group, k, score, biased):
@@ -271,8 +271,8 @@ def test_n_group_one_is_exactly_plain_top_k():
 
 @st.composite
 def group_setups(draw):
-    size = draw(st.integers(1, 4))
     n_group = draw(st.integers(1, 5))
+    size = draw(st.integers(1 if n_group == 1 else 2, 4))
     topk_group = draw(st.integers(1, n_group))
     k = draw(st.integers(1, topk_group * size))
     return size * n_group, n_group, topk_group, k, draw(st.integers(0, 2**16))
@@ -292,7 +292,7 @@ def test_chosen_experts_are_the_top_k_of_the_chosen_groups(setup, score):
         routing = router(x)
     size = E // n_group
     select = routing.probs + router.expert_bias.double()
-    group_scores = select.view(16, n_group, size).topk(min(2, size), dim=-1).values.sum(-1)
+    group_scores = select.view(16, n_group, size).topk(min(2, size), dim=-1).values.sum(-1)  # size 1: n_group 1
     for t in range(16):
         chosen = set(routing.expert_idx[t].tolist())
         assert len(chosen) == k
@@ -351,17 +351,6 @@ def test_a_mask_leaving_too_few_experts_in_some_kept_groups_raises():
         MoELayer(4, 4, 8, router=router).available_experts = bad
 
 
-def test_groups_of_one_expert_score_that_expert():
-    """Group size 1 (HF's top-2 cannot run): the group score is the expert's score, so keeping
-    topk_group >= k groups is plain top-k."""
-    torch.manual_seed(0)
-    grouped = TopKRouter(6, 8, 2, score="sigmoid", n_group=8, topk_group=3)
-    plain = TopKRouter(6, 8, 2, score="sigmoid")
-    plain.load_state_dict(grouped.state_dict())
-    x = torch.randn(20, 6)
-    assert torch.equal(grouped(x).expert_idx, plain(x).expert_idx)
-
-
 @pytest.mark.parametrize(("kwargs", "error", "message"), [
     (dict(n_group=3), ValueError, r"n_group must divide num_experts=8, got n_group=3"),
     (dict(n_group=0), ValueError, r"n_group must be >= 1, got 0"),
@@ -371,44 +360,88 @@ def test_groups_of_one_expert_score_that_expert():
     (dict(topk_group=2), ValueError, r"topk_group must be in \[1, n_group=1\], got topk_group=2"),
     (dict(n_group=4, topk_group=1), ValueError,
      r"k must be <= topk_group \* num_experts / n_group = 1 \* 2 = 2 .*, got k=3"),
+    (dict(n_group=8, topk_group=4), ValueError,
+     r"n_group must leave at least 2 experts per group .* got n_group=8 for num_experts=8: groups of 1"),
+    (dict(n_group=8, topk_group=8), ValueError, r"n_group must leave at least 2 experts per group"),
 ])
 def test_bad_group_arguments_raise(kwargs, error, message):
     with pytest.raises(error, match=message):
         TopKRouter(6, 8, 3, **kwargs)
 
 
+SMALL = dict(vocab_size=16, seq_len=8, d_model=16, n_layers=2, n_heads=2, d_hidden=8, num_experts=8, k=2)
+
+
+@pytest.mark.parametrize(("build", "message"), [
+    (lambda: make_router("noisy_topk", 8, 8, 2, n_group=4, topk_group=2),
+     r"n_group and topk_group must be 1 for the 'noisy_topk' router with k=2 .*got n_group=4, topk_group=2"),
+    (lambda: make_router("topk", 8, 8, 1, n_group=4, topk_group=2), r"must be 1 for the 'topk' router with k=1"),
+    (lambda: make_router("gshard", 8, 8, 2, n_group=2, topk_group=1), r"must be 1 for the 'gshard' router"),
+    (lambda: make_router("topk", 8, 8, 4, n_group=4, topk_group=1), r"k must be <= topk_group \* num_experts"),
+    (lambda: MoETransformerConfig(**SMALL, n_group=3), r"n_group must divide num_experts=8, got n_group=3"),
+    (lambda: MoETransformerConfig(**SMALL, n_group=4, topk_group=5), r"topk_group must be in \[1, n_group=4\]"),
+    (lambda: MoETransformerConfig(**SMALL, n_group=8, topk_group=2), r"at least 2 experts per group"),
+    (lambda: MoETransformerConfig(**{**SMALL, "k": 5}, n_group=4, topk_group=2), r"= 4 .*got k=5"),
+    (lambda: MoETransformerConfig(**SMALL, router="noisy_topk", n_group=2, topk_group=1),
+     r"must be 1 for the 'noisy_topk' router"),
+])
+def test_bad_groups_in_make_router_and_the_config_raise(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_make_router_and_the_config_plumb_the_groups():
+    for name in ("topk", "sigmoid_bias"):
+        router = make_router(name, 8, 16, 4, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+        assert (type(router), router.n_group, router.topk_group, router.group_limited) == (TopKRouter, 4, 2, True)
+        assert router.routed_scaling_factor == 2.5 and router.score == ("softmax" if name == "topk" else "sigmoid")
+    for name in ("topk", "sigmoid_bias"):
+        model = MoETransformer(MoETransformerConfig(**SMALL, router=name, n_group=4, topk_group=2))
+        assert [(layer.router.n_group, layer.router.topk_group) for layer in model.moe_layers] == [(4, 2)] * 2
+        model(torch.randint(0, 16, (2, 8)))
+        for layer in model.moe_layers:  # every token's two experts come from at most 2 of the 4 groups
+            groups = layer.last_routing.expert_idx // 2
+            assert all(len(set(row)) <= 2 for row in groups.tolist())
+    dense = MoETransformerConfig(**SMALL, n_group=4, topk_group=2).dense_equivalent()
+    assert (dense.num_experts, dense.n_group, dense.topk_group) == (1, 1, 1)
+
+
 # ---- Hugging Face's DeepseekV3TopkRouter ----
 
 
-def test_matches_hugging_face_deepseek_v3_router():
+@pytest.mark.parametrize(("E", "n_group", "topk_group", "k", "seed"), [
+    (16, 4, 2, 4, 0), (32, 8, 4, 8, 1), (12, 3, 1, 3, 2), (16, 8, 3, 5, 3), (16, 4, 4, 4, 4)])
+def test_matches_hugging_face_deepseek_v3_router(E, n_group, topk_group, k, seed):
+    """The gate of HF's DeepseekV3MoE built from a tiny random DeepseekV3Config, with a non-zero
+    e_score_correction_bias: the same experts per token (as sets) and the same weights.
+    (32, 8, 4, 8) is DeepSeek-V3's grouping (256 experts in 8 groups, 4 kept, k = 8) with 4 experts a group."""
     transformers = pytest.importorskip("transformers")
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
     config = transformers.DeepseekV3Config(
-        hidden_size=32, n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4,
+        hidden_size=32, n_routed_experts=E, n_group=n_group, topk_group=topk_group, num_experts_per_tok=k,
         routed_scaling_factor=2.5, norm_topk_prob=True, n_shared_experts=1, moe_intermediate_size=8,
         intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
         vocab_size=32)
-    torch.manual_seed(0)
-    gate = hf.DeepseekV3TopkRouter(config)
+    torch.manual_seed(seed)
+    gate = hf.DeepseekV3MoE(config).gate
     with torch.no_grad():
         gate.weight.normal_(0, 0.5)
-        gate.e_score_correction_bias.copy_(0.1 * torch.randn(16))
-    router = TopKRouter(32, 16, 4, score="sigmoid", normalize=True, bias_update_rate=1e-3, n_group=4,
-                        topk_group=2, routed_scaling_factor=2.5)
+        gate.e_score_correction_bias.copy_(0.1 * torch.randn(E))
+    router = TopKRouter(32, E, k, score="sigmoid", normalize=True, bias_update_rate=1e-3, n_group=n_group,
+                        topk_group=topk_group, routed_scaling_factor=2.5)
     with torch.no_grad():
         router.proj.weight.copy_(gate.weight)
         router.expert_bias.copy_(gate.e_score_correction_bias)
     x = torch.randn(2, 64, 32)
-    hf_out = gate(x)
-    hf_weights, hf_idx = hf_out[-2], hf_out[-1]  # (router_logits, topk_weights, topk_indices)
+    hf_logits, hf_weights, hf_idx = gate(x)
     routing = router(x)
-    torch.testing.assert_close(routing.logits, hf_out[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(routing.logits, hf_logits, atol=1e-6, rtol=0)
     hf_sorted, hf_order = hf_idx.sort(-1)
     ours_sorted, our_order = routing.expert_idx.sort(-1)
     assert torch.equal(ours_sorted, hf_sorted)
     torch.testing.assert_close(routing.weights.gather(-1, our_order), hf_weights.gather(-1, hf_order),
                                atol=1e-5, rtol=0)
-    # the groups matter here: plain top-4 of the biased scores differs for some tokens
-    plain = (routing.probs + router.expert_bias).topk(4).indices.sort(-1).values
-    assert not torch.equal(plain, ours_sorted)
+    if topk_group < n_group:  # the groups matter here: plain top-k of the biased scores differs for some tokens
+        plain = (routing.probs + router.expert_bias).topk(k).indices.sort(-1).values
+        assert not torch.equal(plain, ours_sorted)

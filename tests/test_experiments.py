@@ -18,7 +18,7 @@ from minimoe.experiments import (
     compare_routers,
     make_task,
 )
-from minimoe.routing import ROUTERS, HashRouter
+from minimoe.routing import HashRouter
 
 EVAL_TOKENS, BATCH = 4096, 256
 
@@ -35,7 +35,7 @@ def sweep():
 
 @pytest.fixture(scope="module")
 def zoo():
-    return compare_routers(ROUTERS)
+    return compare_routers()
 
 
 # ---- 1. collapse ------------------------------------------------------------------------------

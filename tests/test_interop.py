@@ -45,11 +45,11 @@ def olmoe(**kw):
 
 def deepseek_v3(**kw):
     # layer 0 dense (first_k_dense_replace=1), layer 1 MoE: 8 experts in 4 groups, 2 groups kept, k=3
+    routing = dict(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3, norm_topk_prob=True)
     return transformers.DeepseekV3Config(**SMALL, intermediate_size=48, moe_intermediate_size=16,
-                                         n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3,
                                          routed_scaling_factor=2.5, n_shared_experts=2, first_k_dense_replace=1,
                                          q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-                                         v_head_dim=16, **dict(norm_topk_prob=True) | kw)
+                                         v_head_dim=16, **routing | kw)
 
 
 FAMILIES = {  # name -> (config, model class, MoE layers of the 2-layer model)
@@ -322,3 +322,14 @@ def test_to_transformers_refuses_a_layer_of_another_shape():
 def test_unsupported_modules_and_configurations_raise(build, error, message):
     with pytest.raises(error, match=message):
         build()
+
+
+@pytest.mark.parametrize(("experts", "n_group", "topk_group", "k"), [(16, 8, 4, 4), (12, 3, 1, 3), (8, 2, 2, 3)])
+def test_deepseek_v3_groupings_convert(experts, n_group, topk_group, k):
+    """DeepSeek-V3's own grouping (8 groups, 4 kept), a single kept group, and all groups kept
+    (plain top-k): the layer routes and computes what the block does."""
+    block = moe_block("deepseek_v3", n_routed_experts=experts, n_group=n_group, topk_group=topk_group,
+                      num_experts_per_tok=k)
+    layer = interop.from_transformers(block)
+    assert (layer.router.n_group, layer.router.topk_group, layer.k) == (n_group, topk_group, k)
+    assert_close_to_hf(max_diffs(block, layer))
