@@ -82,7 +82,8 @@ def check_bytes_moved(learner_bytes_moved):
 
 def check_dispatch_seconds(learner_dispatch_seconds):
     """Task 10.4: dispatch_seconds(tokens, d_model, k, world_size, dtype, latency, bandwidth) ->
-    float: (W - 1) * latency + tokens * k * (W - 1) / W * d_model * itemsize / bandwidth."""
+    float: (W - 1) * latency + tokens * k * (W - 1) / W * d_model * itemsize / bandwidth (pairwise
+    exchange: one message after the other, `concurrency=1` of the cost model)."""
     def make_inputs(rng):
         return (int(rng.integers(128, 8193)), int(rng.choice([512, 1024, 4096, 7168])), int(rng.integers(1, 9)),
                 int(rng.integers(2, 9)), DTYPES[int(rng.integers(len(DTYPES)))], float(rng.uniform(1e-6, 2e-5)),
@@ -90,6 +91,6 @@ def check_dispatch_seconds(learner_dispatch_seconds):
 
     def reference(tokens, d_model, k, world_size, dtype, latency, bandwidth):
         return all_to_all_cost(tokens, d_model, k, world_size, dtype=dtype, gpus_per_node=world_size,
-                               intra_bandwidth=bandwidth, intra_latency=latency).dispatch_seconds
+                               intra_bandwidth=bandwidth, intra_latency=latency, concurrency=1).dispatch_seconds
 
     run_check("10.4", learner_dispatch_seconds, reference, make_inputs, atol=0, rtol=1e-9)

@@ -13,6 +13,8 @@ E / W experts of every MoE layer, tokens travel to their experts and back by all
 Modules: `comm` (process group setup and every collective), `experts` (`parallelize`,
 `ExpertParallelExperts`), `training` (gradients, clipping, checkpoints, `Parallel`), `cost`
 (`all_to_all_cost`, an alpha-beta model of dispatch + combine at scales a laptop cannot run),
+`deepep` (DeepEP's published measurements to hold it against), `ep_dp` (expert x data parallel
+process groups; not imported here: run it as `python -m minimoe.parallel.ep_dp` under torchrun),
 `viz`; `python -m minimoe.parallel` (under torchrun) trains an MoE block with expert parallelism.
 """
 

@@ -12,9 +12,12 @@ message plus the bytes over the bandwidth. The model's assumptions, per forward 
   evenly over the ranks); copies for the rank's own experts stay put and cost nothing.
   `imbalance` >= 1 scales the bytes of the busiest rank, which finishes last: the max over
   ranks of the received copies divided by the mean.
-- A rank sends one message per peer and phase; messages on the same kind of link are
-  serialised, while NVLink and the network work at the same time (pairwise-exchange all-to-all,
-  Thakur, Rabenseifner and Gropp 2005: (p - 1) alpha + (p - 1) / p * n / beta).
+- A rank sends one message per peer and phase. `concurrency` c messages on the same kind of
+  link are in flight at once, so m messages pay ceil(m / c) latencies; their bytes share the
+  link's bandwidth either way. c = 1 is MPI's pairwise-exchange all-to-all (Thakur, Rabenseifner
+  and Gropp 2005: (p - 1) alpha + (p - 1) / p * n / beta); c = None (the default) puts all of
+  them in flight, one latency per stage, as NCCL's grouped sends and receives and DeepEP's
+  GPU-initiated transfers do. NVLink and the network work at the same time.
 - flat: one all-to-all over all W ranks: G - 1 intra-node and W - G inter-node messages of
   copies / W each; time = max(intra, inter).
 - hierarchical (two stages, as Tutel's 2D all-to-all or DeepEP's NVLink forwarding): first an
@@ -68,12 +71,13 @@ class AllToAllCost:
 def all_to_all_cost(tokens: int, d_model: int, k: int, world_size: int, *, dtype: torch.dtype = torch.bfloat16,
                     gpus_per_node: int = 8, intra_bandwidth: float = 450e9, intra_latency: float = 3e-6,
                     inter_bandwidth: float = 50e9, inter_latency: float = 10e-6, hierarchical: bool = False,
-                    imbalance: float = 1.0) -> AllToAllCost:
+                    imbalance: float = 1.0, concurrency: int | None = None) -> AllToAllCost:
     """Cost of dispatch + combine for `tokens` tokens per rank (see the module docstring).
 
     Bandwidths in bytes/s per GPU and direction, latencies in seconds per message. Defaults: an
     H100 node (NVLink 4: 450 GB/s per direction; one 400 Gb/s InfiniBand NDR card per GPU:
-    50 GB/s); the latencies are orders of magnitude, not measurements.
+    50 GB/s); the latencies are orders of magnitude, not measurements. `concurrency`: messages
+    per kind of link in flight at once (1: one after the other; None: all).
     """
     tokens = _checks.positive_int("tokens", tokens, minimum=0)
     d_model = _checks.positive_int("d_model", d_model)
@@ -90,20 +94,25 @@ def all_to_all_cost(tokens: int, d_model: int, k: int, world_size: int, *, dtype
     alpha_inter = _checks.non_negative("inter_latency", inter_latency)
     if not _checks.non_negative("imbalance", imbalance) >= 1:
         raise ValueError(f"imbalance must be >= 1 (busiest rank / mean), got {imbalance}")
+    if concurrency is not None:
+        concurrency = _checks.positive_int("concurrency", concurrency)
     nodes = world // per_node
+
+    def latency(messages: int, alpha: float) -> float:  # ceil(messages / concurrency) rounds
+        return alpha * (-(-messages // concurrency) if concurrency else min(messages, 1))
 
     bytes_per_copy = d_model * dtype.itemsize
     volume = tokens * k * bytes_per_copy * imbalance  # all of the rank's copies, its own included
     if hierarchical:
         intra_msgs, intra_bytes = per_node - 1, volume * (per_node - 1) / per_node
         inter_msgs, inter_bytes = nodes - 1, volume * (nodes - 1) / nodes
-        intra = intra_msgs * alpha_intra + intra_bytes / beta_intra
-        seconds = intra + inter_msgs * alpha_inter + inter_bytes / beta_inter  # stage 2 waits for stage 1
+        intra = latency(intra_msgs, alpha_intra) + intra_bytes / beta_intra
+        seconds = intra + latency(inter_msgs, alpha_inter) + inter_bytes / beta_inter  # stage 2 waits for stage 1
     else:
         intra_msgs, intra_bytes = per_node - 1, volume * (per_node - 1) / world
         inter_msgs, inter_bytes = world - per_node, volume * (world - per_node) / world
-        intra = intra_msgs * alpha_intra + intra_bytes / beta_intra
-        seconds = max(intra, inter_msgs * alpha_inter + inter_bytes / beta_inter)  # both links at once
+        intra = latency(intra_msgs, alpha_intra) + intra_bytes / beta_intra
+        seconds = max(intra, latency(inter_msgs, alpha_inter) + inter_bytes / beta_inter)  # both links at once
     return AllToAllCost(bytes_per_copy, 2 * intra_bytes, 2 * inter_bytes, 2 * intra_msgs, 2 * inter_msgs, seconds)
 
 
