@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.specifiers import SpecifierSet
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+ (the package supports 3.10: there this file skips)
 
@@ -54,11 +55,17 @@ def _declared() -> dict:
     return dict(_requirement(r) for r in project["dependencies"] + extras["course"] + extras["dev"] + extras["triton"])
 
 
+def _pinned_within(spec: str | None, bound: str) -> bool:
+    """'==2.13.0' within '>=2.10': an exact pin that the declared bound allows."""
+    return spec is not None and spec.startswith("==") and spec[2:] in SpecifierSet(bound)
+
+
 def test_environment_yml_names_every_declared_dependency_with_its_lower_bound():
     conda, pip = _environment_lists()
     for name, bound in _declared().items():
-        if name in FROM_PIP:
-            assert pip.get(name) == bound, f"environment.yml: pip should install {name}{bound}, has {pip.get(name)}"
+        if name in FROM_PIP:  # the bound, or the exact version the course is tested with (README pins torch)
+            assert pip.get(name) == bound or _pinned_within(pip.get(name), bound), (
+                f"environment.yml: pip should install {name}{bound} or a version it allows, has {pip.get(name)}")
         else:
             conda_name = CONDA_NAME.get(name, name)
             assert conda.get(conda_name) == bound, (
@@ -67,12 +74,21 @@ def test_environment_yml_names_every_declared_dependency_with_its_lower_bound():
     assert "-e .[course,dev,triton]" in (ROOT / "environment.yml").read_text()
 
 
-def test_environment_check_catches_a_missing_dependency(tmp_path, monkeypatch):
-    """The check above can fail: an environment.yml without seaborn is reported."""
-    (tmp_path / "environment.yml").write_text((ROOT / "environment.yml").read_text().replace("  - seaborn>=0.13\n", ""))
+@pytest.mark.parametrize(("line", "doctored"), [
+    ("  - seaborn>=0.13\n", ""),  # a dependency left out
+    ("  - transformers>=4.57\n", ""),  # the course extra's
+    ("  - hypothesis>=6.90\n", "  - hypothesis>=6.0\n"),  # another bound than pyproject's
+    ("      - torch==2.13.0\n", "      - torch==2.9.0\n"),  # a pin the bound excludes
+])
+def test_environment_check_catches_a_wrong_environment_yml(tmp_path, monkeypatch, line, doctored):
+    """The check above can fail: a dependency missing from environment.yml, or with another bound, is named."""
+    text = (ROOT / "environment.yml").read_text()
+    assert line in text
+    (tmp_path / "environment.yml").write_text(text.replace(line, doctored))
     (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
-    with pytest.raises(AssertionError, match="seaborn"):
+    name = re.match(r"\s*- ([a-z]+)", line).group(1)
+    with pytest.raises(AssertionError, match=name):
         test_environment_yml_names_every_declared_dependency_with_its_lower_bound()
 
 
