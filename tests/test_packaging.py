@@ -4,13 +4,16 @@ checks), so that `pip install minimoe-*.whl` outside this repository works."""
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tarfile
 import venv
 import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.specifiers import SpecifierSet
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+ (the package supports 3.10: there this file skips)
 
@@ -52,11 +55,17 @@ def _declared() -> dict:
     return dict(_requirement(r) for r in project["dependencies"] + extras["course"] + extras["dev"] + extras["triton"])
 
 
+def _pinned_within(spec: str | None, bound: str) -> bool:
+    """'==2.13.0' within '>=2.10': an exact pin that the declared bound allows."""
+    return spec is not None and spec.startswith("==") and spec[2:] in SpecifierSet(bound)
+
+
 def test_environment_yml_names_every_declared_dependency_with_its_lower_bound():
     conda, pip = _environment_lists()
     for name, bound in _declared().items():
-        if name in FROM_PIP:
-            assert pip.get(name) == bound, f"environment.yml: pip should install {name}{bound}, has {pip.get(name)}"
+        if name in FROM_PIP:  # the bound, or the exact version the course is tested with (README pins torch)
+            assert pip.get(name) == bound or _pinned_within(pip.get(name), bound), (
+                f"environment.yml: pip should install {name}{bound} or a version it allows, has {pip.get(name)}")
         else:
             conda_name = CONDA_NAME.get(name, name)
             assert conda.get(conda_name) == bound, (
@@ -65,47 +74,97 @@ def test_environment_yml_names_every_declared_dependency_with_its_lower_bound():
     assert "-e .[course,dev,triton]" in (ROOT / "environment.yml").read_text()
 
 
-def test_environment_check_catches_a_missing_dependency(tmp_path, monkeypatch):
-    """The check above can fail: an environment.yml without seaborn is reported."""
-    (tmp_path / "environment.yml").write_text((ROOT / "environment.yml").read_text().replace("  - seaborn>=0.13\n", ""))
+@pytest.mark.parametrize(("line", "doctored"), [
+    ("  - seaborn>=0.13\n", ""),  # a dependency left out
+    ("  - transformers>=4.57\n", ""),  # the course extra's
+    ("  - hypothesis>=6.90\n", "  - hypothesis>=6.0\n"),  # another bound than pyproject's
+    ("      - torch==2.13.0\n", "      - torch==2.9.0\n"),  # a pin the bound excludes
+])
+def test_environment_check_catches_a_wrong_environment_yml(tmp_path, monkeypatch, line, doctored):
+    """The check above can fail: a dependency missing from environment.yml, or with another bound, is named."""
+    text = (ROOT / "environment.yml").read_text()
+    assert line in text
+    (tmp_path / "environment.yml").write_text(text.replace(line, doctored))
     (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
-    with pytest.raises(AssertionError, match="seaborn"):
+    name = re.match(r"\s*- ([a-z]+)", line).group(1)
+    with pytest.raises(AssertionError, match=name):
         test_environment_yml_names_every_declared_dependency_with_its_lower_bound()
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("dist")
+def _checkout_files() -> list[str]:
+    """The files a clone of this checkout has: tracked or new, not ignored, still on disk."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            check=True, capture_output=True, text=True).stdout.splitlines()
+    return [path for path in listed if (ROOT / path).is_file()]
+
+
+def _build(tmp: Path, pyproject: str | None = None) -> tuple[Path, Path]:
+    """(wheel, sdist) that `python -m build` makes of a copy of this checkout (with another pyproject.toml)."""
+    # a copy: a stale build/ or *.egg-info/ left in the repository would hide a file missing from package-data
+    # (and pip, run from the repository, would take that egg-info for an installed minimoe)
+    source, out = tmp / "source", tmp / "dist"
+    for path in _checkout_files():
+        (source / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / path, source / path)
+    if pyproject is not None:
+        (source / "pyproject.toml").write_text(pyproject)
     # --no-isolation: build with this environment's setuptools instead of downloading one
     subprocess.run([sys.executable, "-m", "build", "--wheel", "--sdist", "--no-isolation", "--outdir", str(out)],
-                   cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
-    (path,) = out.glob("minimoe-*.whl")
-    assert len(list(out.glob("minimoe-*.tar.gz"))) == 1
-    return path
+                   cwd=source, check=True, capture_output=True, text=True, timeout=300)
+    (wheel,) = out.glob("minimoe-*.whl")
+    (sdist,) = out.glob("minimoe-*.tar.gz")
+    return wheel, sdist
 
 
-def test_wheel_carries_every_file_of_the_package(wheel):
-    tracked = subprocess.run(["git", "ls-files", "minimoe"], cwd=ROOT, check=True, capture_output=True,
-                             text=True).stdout.split()
-    names = set(zipfile.ZipFile(wheel).namelist())
-    missing = [path for path in tracked if path not in names]
-    assert not missing, f"the wheel lacks {missing}"
-    assert {"minimoe/nbval_sanitize.cfg", "minimoe/corpus/prose.txt"} <= names
+def _missing(wheel: Path, sdist: Path) -> dict[str, list[str]]:
+    """The package's files (minimoe/...) that the wheel and the sdist lack."""
+    package = [path for path in _checkout_files() if path.startswith("minimoe/")]
+    in_wheel = set(zipfile.ZipFile(wheel).namelist())
+    with tarfile.open(sdist) as archive:  # sdist members are prefixed by minimoe-0.1.0/
+        in_sdist = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    return {kind: [path for path in package if path not in names] for kind, names in
+            (("wheel", in_wheel), ("sdist", in_sdist))}
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory) -> tuple[Path, Path]:
+    return _build(tmp_path_factory.mktemp("build"))
+
+
+def test_wheel_and_sdist_carry_every_file_of_the_package(dist):
+    assert {"minimoe/nbval_sanitize.cfg", "minimoe/corpus/prose.txt", "minimoe/checks/ch01.py"} <= set(
+        _checkout_files())
+    assert _missing(*dist) == {"wheel": [], "sdist": []}
+
+
+def test_file_check_catches_a_file_left_out_of_package_data(tmp_path):
+    """The check above can fail: without "corpus/*.txt" in package-data the corpus is reported missing."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert '"corpus/*.txt", ' in pyproject
+    missing = _missing(*_build(tmp_path, pyproject.replace('"corpus/*.txt", ', "")))
+    assert "minimoe/corpus/prose.txt" in missing["wheel"] and "minimoe/corpus/prose.txt" in missing["sdist"]
+
+
+@pytest.fixture
+def wheel(dist) -> Path:
+    return dist[0]
 
 
 def test_wheel_installs_and_runs_outside_the_repository(wheel, tmp_path):
     env_dir = tmp_path / "fresh"
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
-    subprocess.run([python, "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True, timeout=300)
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
+    run = {"cwd": tmp_path, "env": env, "capture_output": True, "text": True, "timeout": 300}
+    # pip must not see the repository: from its root (or through PYTHONPATH) the minimoe.egg-info that
+    # the build leaves there reads as "minimoe 0.1.0 already installed" and pip installs nothing
+    subprocess.run([python, "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True, **run)
     # the dependencies (torch, numpy, ...) come from this environment; minimoe only from the wheel
     site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
     ours = [p for p in sys.path if p.endswith("site-packages")]
     Path(site, "dependencies.pth").write_text("\n".join(ours) + "\n")
-    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
-    run = {"cwd": tmp_path, "env": env, "capture_output": True, "text": True, "timeout": 300}
     where = subprocess.run([python, "-c", "import minimoe; print(minimoe.__file__)"], check=True, **run).stdout
     assert where.startswith(str(env_dir)), f"imported {where.strip()}, not the installed wheel"
     doctor = subprocess.run([env_dir / "bin" / "minimoe", "doctor"], **run)
