@@ -19,7 +19,7 @@ import math
 import multiprocessing
 import platform
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ import torch
 
 from minimoe.data import load_corpus
 from minimoe.model import MoETransformer, MoETransformerConfig
-from minimoe.train import Trainer, TrainConfig
+from minimoe.train import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"default": dict(d_model=64, n_layers=2, n_heads=4, seq_len=64),

@@ -8,8 +8,9 @@
 7.5 moe_from_dense(ffn, k)           MoELayer with E = k experts, the k column blocks of a dense FFN,
                                      computing exactly what the FFN computes (the scaling identity)
 
-References: the dense `FeedForward` itself (7.5), `minimoe.model.Block.forward`, `MoETransformer.num_params(active=True)` (itself tested
-against the formula written out), `minimoe.metrics.specialization` and `mutual_information`.
+References: `minimoe.model.Block.forward`, `MoETransformer.num_params(active=True)` (itself tested
+against the formula written out), `minimoe.metrics.specialization` and `mutual_information`, and
+for 7.5 the dense `FeedForward` itself.
 """
 
 import numpy as np
