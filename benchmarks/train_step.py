@@ -14,7 +14,8 @@ k * h, the same active FLOPs). Nothing here changes the allocator: this is what 
 The profile attributes the self time of every operator of a few MoE steps to a stage: the
 forward ops by the MoELayer function they run in (wrapped in `record_function` scopes for the
 profile only, so the timed runs carry no profiler hooks), the backward ops by the forward op
-that made their autograd node (same sequence number). Peak memory is the highest sum of live
+that made their autograd node (same sequence number). MoELayer's torch backend gathers the
+tokens inside the experts' first matmul, so "permute" is then part of "experts" (and reads 0). Peak memory is the highest sum of live
 CPU allocations the profiler saw during one forward + backward, above what was live before.
 """
 

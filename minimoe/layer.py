@@ -166,8 +166,11 @@ class MoELayer(nn.Module):
         else:
             # the combine weights scale rows inside the experts, where it is cheapest
             permute_fn, unpermute_fn = _dispatch_functions(self.backend)
-            expert_out = self.experts._forward(permute_fn(tokens, plan), plan.tokens_per_expert,
-                                               sorted_weights(routing.weights, plan))
+            row_weights = sorted_weights(routing.weights, plan)
+            if self.backend == "torch":  # the experts gather their rows inside the first matmul
+                expert_out = self.experts._forward(tokens, plan.tokens_per_expert, row_weights, rows=plan.token_idx)
+            else:
+                expert_out = self.experts._forward(permute_fn(tokens, plan), plan.tokens_per_expert, row_weights)
             out = unpermute_fn(expert_out, plan, weights=None)
         if self.shared is not None:
             shared = self.shared(tokens)

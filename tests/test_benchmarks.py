@@ -62,7 +62,8 @@ def test_train_step_benchmark_times_profiles_and_reports_every_model():
     stages = {name: step_bench.stage_times(trainer, steps=1) for name, trainer in runs.items()}
     moe, dense = stages["E=4, k=2, h=64"], stages["dense"]
     assert list(moe) == list(step_bench.STAGES)
-    assert all(moe[s] > 0 for s in step_bench.STAGES)  # every wrapped function was found and ran
+    # every wrapped function was found and ran; the torch backend gathers inside the experts' matmul
+    assert moe["permute"] == 0 and all(moe[s] > 0 for s in step_bench.STAGES if s != "permute")
     assert dense["experts"] > 0 and dense["optimiser"] > 0
     assert dense["router"] == dense["plan"] == dense["permute"] == dense["unpermute"] == 0
     memory = {"dense": 1 << 20, "E=4, k=2, h=64": 3 << 19}
