@@ -15,8 +15,9 @@ The profile attributes the self time of every operator of a few MoE steps to a s
 forward ops by the MoELayer function they run in (wrapped in `record_function` scopes for the
 profile only, so the timed runs carry no profiler hooks), the backward ops by the forward op
 that made their autograd node (same sequence number). MoELayer's torch backend gathers the
-tokens inside the experts' first matmul, so "permute" is then part of "experts" (and reads 0). Peak memory is the highest sum of live
-CPU allocations the profiler saw during one forward + backward, above what was live before.
+tokens inside the experts' first matmul, so "permute" is then part of "experts" (and reads 0).
+Peak memory is the highest sum of live CPU allocations the profiler saw during one forward +
+backward, above what was live before.
 """
 
 import argparse
@@ -35,7 +36,7 @@ from minimoe.experts import FeedForward, GroupedExperts
 from minimoe.layer import MoELayer
 from minimoe.model import MoETransformer, MoETransformerConfig
 from minimoe.routing import Router
-from minimoe.train import SingleProcess, Trainer, TrainConfig
+from minimoe.train import SingleProcess, TrainConfig, Trainer
 
 SHAPES = {  # chapter 07: model shape, dense FFN width (= k * h), batch size
     "default": (dict(d_model=64, n_layers=2, n_heads=4, seq_len=64), 128, 16),
