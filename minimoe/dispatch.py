@@ -7,6 +7,7 @@ back to their tokens, scaled by the combine weights. Dropped assignments contrib
 token still flows through the residual stream around the MoE layer.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -44,9 +45,9 @@ class DispatchPlan:
     kept: torch.Tensor
     capacity: int | None
 
-    @property
+    @functools.cached_property
     def token_idx(self) -> torch.Tensor:
-        """[S] the token each dispatched row came from."""
+        """[S] the token each dispatched row came from (computed once per plan)."""
         return self.order // self.kept.shape[1]
 
 
@@ -82,11 +83,16 @@ def make_plan(expert_idx: torch.Tensor, num_experts: int, capacity: int | None =
 
 def _make_plan(expert_idx: torch.Tensor, num_experts: int, capacity: int | None, policy: str,
                weights: torch.Tensor | None, mask: torch.Tensor | None) -> DispatchPlan:
-    """make_plan on checked arguments (what MoELayer.forward calls). No check here; the host
-    syncs are the data-dependent shapes: `nonzero` (S, the kept assignments), with a capacity
-    the boolean selections, and on CUDA `bincount` (it reads the largest id)."""
+    """make_plan on checked arguments (what MoELayer.forward calls). No check here. Dropless
+    without a mask, nothing waits for the device: every assignment is kept, S = T * k. Otherwise
+    the host syncs are the data-dependent shapes: `nonzero` (S, the kept assignments) and, with
+    a capacity, the boolean selections."""
     T, k = expert_idx.shape
     flat_expert = expert_idx.reshape(-1).long()
+    if capacity is None and mask is None:
+        order = flat_expert.argsort(stable=True)
+        return DispatchPlan(order, _counts(flat_expert, num_experts), torch.ones_like(expert_idx, dtype=torch.bool),
+                            None)
     in_use = torch.ones_like(flat_expert, dtype=torch.bool) if mask is None else mask.reshape(-1)
 
     if capacity is None:
@@ -102,7 +108,7 @@ def _make_plan(expert_idx: torch.Tensor, num_experts: int, capacity: int | None,
             priority = slot_major
         priority = priority[in_use[priority]]
         grouped = priority[flat_expert[priority].argsort(stable=True)]
-        counts = torch.bincount(flat_expert[grouped], minlength=num_experts)
+        counts = _counts(flat_expert[grouped], num_experts)
         group_start = torch.cumsum(counts, 0) - counts
         rank = torch.arange(grouped.numel(), device=grouped.device) - group_start[flat_expert[grouped]]
         kept = torch.zeros_like(in_use)
@@ -110,8 +116,13 @@ def _make_plan(expert_idx: torch.Tensor, num_experts: int, capacity: int | None,
 
     kept_ids = kept.nonzero().squeeze(1)
     order = kept_ids[flat_expert[kept_ids].argsort(stable=True)]
-    tokens_per_expert = torch.bincount(flat_expert[order], minlength=num_experts)
-    return DispatchPlan(order, tokens_per_expert, kept.view(T, k), capacity)
+    return DispatchPlan(order, _counts(flat_expert[order], num_experts), kept.view(T, k), capacity)
+
+
+def _counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64 occurrences of each id in ids [N] (bincount, which on CUDA syncs to read the
+    largest id, without the sync)."""
+    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).index_add_(0, ids, torch.ones_like(ids))
 
 
 def permute(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -126,7 +137,7 @@ def sorted_weights(weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """weights [T, k] -> [S], the combine weight of each dispatched row."""
     _checks.tensor("weights", weights)
     _checks.same_shape("weights", weights, plan.kept.shape, "the plan's [T, k]")
-    return weights.reshape(-1)[plan.order]
+    return weights.reshape(-1).index_select(0, plan.order)
 
 
 def unpermute(y: torch.Tensor, plan: DispatchPlan, weights: torch.Tensor | None) -> torch.Tensor:

@@ -26,13 +26,16 @@ def _grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
             and w.dtype == x.dtype and aligned)
 
 
-def _matmul(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor | None) -> torch.Tensor:
+def _matmul(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor | None,
+            offsets: torch.Tensor | None = None) -> torch.Tensor:
     """x [S, a] @ w: w [a, b] for a dense FFN, or w [E, a, b] applied to consecutive row blocks
-    of sizes tokens_per_expert [E]."""
+    of sizes tokens_per_expert [E] (offsets: their int32 cumulative sum, if already at hand)."""
     if tokens_per_expert is None:
         return x @ w
     if _grouped_mm_supported(x, w):
-        return F.grouped_mm(x.contiguous(), w, offs=torch.cumsum(tokens_per_expert, 0).to(torch.int32))
+        if offsets is None:
+            offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
+        return F.grouped_mm(x.contiguous(), w, offs=offsets)
     # the split sizes must be Python ints (a host sync); unbind, not w[e]: each w[e]'s backward
     # would build a whole [E, a, b] gradient
     splits = tokens_per_expert.tolist()
@@ -46,19 +49,66 @@ def activate(up: torch.Tensor, gate: torch.Tensor | None, activation: str) -> to
     return F.gelu(up) if activation == "gelu" else F.relu(up)
 
 
-def feed_forward(x, w_up, w_down, w_gate=None, activation="swiglu", tokens_per_expert=None, row_weights=None):
+class _GatheredMatmul(torch.autograd.Function):
+    """x[rows] @ w per expert block (x [T, a], rows [S], w [E, a, b]) without keeping the
+    gathered [S, a] copy for the backward, which gathers again for the weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x, rows, w, tokens_per_expert, offsets):
+        ctx.save_for_backward(x, rows, w, tokens_per_expert, offsets)
+        return _matmul(x.index_select(0, rows), w, tokens_per_expert, offsets)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, rows, w, tokens_per_expert, offsets = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:  # [S, a] buffers one at a time: this one is freed first
+            grad_x = torch.zeros_like(x).index_add_(0, rows, _matmul(grad, w.transpose(1, 2), tokens_per_expert,
+                                                                     offsets))
+        if ctx.needs_input_grad[2]:
+            sorted_rows = x.index_select(0, rows)
+            if _grouped_mm_supported(x, w):
+                grad_w = F.grouped_mm(sorted_rows.t(), grad, offs=offsets)
+            else:
+                splits = tokens_per_expert.tolist()
+                grad_w = torch.stack([r.t() @ g for r, g in zip(sorted_rows.split(splits), grad.split(splits),
+                                                                strict=True)])
+        return grad_x, None, grad_w, None, None
+
+
+def feed_forward(x, w_up, w_down, w_gate=None, activation="swiglu", tokens_per_expert=None, row_weights=None,
+                 rows=None):
     """The FFN of one expert ([a, b] weights) or of E experts on sorted rows ([E, a, b] weights,
     tokens_per_expert [E] rows per expert). row_weights [S] scales each row's output; being
     linear in the hidden activation, the scaling is applied to the narrower of hidden and output.
+    rows [S] (E experts only): the sorted rows are x[rows], gathered inside the first matmul,
+    and the backward keeps x instead of an [S, d] copy.
 
     swiglu: (silu(x W_gate) * x W_up) W_down    (Shazeer 2020, used by Mixtral and DeepSeek)
     gelu / relu: act(x W_up) W_down
+
+    E experts' swiglu runs W_gate and W_up as one grouped matmul of [E, d, 2h] (the weights
+    concatenated per call) where grouped_mm takes W_up: on a CPU, half as many small
+    per-expert products, forward and backward (a dense FFN gains nothing measurable from it).
     """
-    gate = _matmul(x, w_gate, tokens_per_expert) if activation == "swiglu" else None
-    hidden = activate(_matmul(x, w_up, tokens_per_expert), gate, activation)
+    grouped = tokens_per_expert is not None
+    offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32) if grouped else None
+
+    def first(w):  # x (gathered by rows) @ w
+        if rows is None:
+            return _matmul(x, w, tokens_per_expert, offsets)
+        return _GatheredMatmul.apply(x, rows, w, tokens_per_expert, offsets)
+
+    if activation == "swiglu" and grouped and _grouped_mm_supported(x, w_up):
+        gate, up = first(torch.cat([w_gate, w_up], -1)).chunk(2, -1)
+    else:
+        gate = first(w_gate) if activation == "swiglu" else None
+        up = first(w_up)
+    hidden = activate(up, gate, activation)
     if row_weights is not None and hidden.shape[1] <= x.shape[1]:
         hidden, row_weights = hidden * row_weights[:, None], None
-    out = _matmul(hidden, w_down, tokens_per_expert)
+    out = _matmul(hidden, w_down, tokens_per_expert, offsets)
     return out if row_weights is None else out * row_weights[:, None]
 
 
@@ -95,11 +145,13 @@ class GroupedExperts(nn.Module):
         return self._forward(x_sorted, tokens_per_expert, row_weights)
 
     def _forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor,
-                 row_weights: torch.Tensor | None) -> torch.Tensor:
+                 row_weights: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """forward without checks. rows [S]: x_sorted is then the tokens [T, d] and row i is
+        x_sorted[rows[i]] (gathered inside the first matmul)."""
         if row_weights is not None:
             row_weights = row_weights.to(x_sorted.dtype)
         return feed_forward(x_sorted, self.w_up, self.w_down, self.w_gate, self.activation,
-                            tokens_per_expert, row_weights)
+                            tokens_per_expert, row_weights, rows)
 
 
 class Experts(GroupedExperts):

@@ -139,16 +139,19 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., d_model] (token_ids [...] for a HashRouter) -> same shape as x.
 
-        The inputs are checked here, once; the steps below trust them. What still waits for
-        the device (a host sync), each because a shape or a split size depends on the data:
+        The inputs are checked here, once; the steps below trust them. The torch backend's
+        experts gather their rows inside their first matmul (no permuted [T*k, d] copy is kept
+        for the backward). What still waits for the device (a host sync, a stall on a GPU), each
+        because a shape or a split size depends on the data:
           - with a HashRouter, the range check of token_ids;
           - expert choice: the number of slots per token;
-          - the plan: `nonzero` of the kept assignments (S rows), with a capacity the boolean
-            selections, on CUDA `bincount`; the aux loss with an expert-choice mask selects too;
+          - the plan, with a capacity or a slot mask only: `nonzero` of the kept assignments
+            (S rows) and the boolean selections (dropless top-k routing has S = T * k: no sync);
           - the experts, where torch.nn.functional.grouped_mm cannot run (dtype, widths): the
-            split sizes as Python ints;
+            split sizes as Python ints (on a CPU, grouped_mm itself reads its offsets);
           - expert-parallel experts (minimoe.parallel): the split sizes of the two all-to-alls.
-        `stats` is computed on first read, not here.
+        The counts (plan, aux loss) are index_adds, not bincount (which syncs on CUDA). `stats`
+        is computed on first read, not here.
         """
         tokens = self.router.flat_tokens(x)  # [T, d]
         token_ids = self.router.check_token_ids(token_ids, x)
@@ -166,8 +169,11 @@ class MoELayer(nn.Module):
         else:
             # the combine weights scale rows inside the experts, where it is cheapest
             permute_fn, unpermute_fn = _dispatch_functions(self.backend)
-            expert_out = self.experts._forward(permute_fn(tokens, plan), plan.tokens_per_expert,
-                                               sorted_weights(routing.weights, plan))
+            row_weights = sorted_weights(routing.weights, plan)
+            if self.backend == "torch":  # the experts gather their rows inside the first matmul
+                expert_out = self.experts._forward(tokens, plan.tokens_per_expert, row_weights, rows=plan.token_idx)
+            else:
+                expert_out = self.experts._forward(permute_fn(tokens, plan), plan.tokens_per_expert, row_weights)
             out = unpermute_fn(expert_out, plan, weights=None)
         if self.shared is not None:
             shared = self.shared(tokens)

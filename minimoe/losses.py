@@ -34,13 +34,14 @@ def load_balancing_loss(probs: torch.Tensor, expert_idx: torch.Tensor,
 
 
 def _load_balancing_loss(probs: torch.Tensor, expert_idx: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """load_balancing_loss on checked arguments (what MoELayer.forward calls). No check here;
-    selecting the used slots of a mask and, on CUDA, bincount still sync with the host."""
+    """load_balancing_loss on checked arguments (what MoELayer.forward calls). No check here,
+    and no host sync: the counts are an index_add (a mask weights the slots by 0 or 1)."""
     if probs.shape[0] == 0:  # no tokens (an empty batch or rank): no loss, still in the graph
         return probs.sum() * 0.0
-    ids = expert_idx if mask is None else expert_idx[mask]
-    counts = torch.bincount(ids.reshape(-1).long(), minlength=probs.shape[1])
-    f = counts.to(probs.dtype) / counts.sum().clamp(min=1)
+    ids = expert_idx.reshape(-1).long()
+    used = torch.ones_like(ids, dtype=probs.dtype) if mask is None else mask.reshape(-1).to(probs.dtype)
+    counts = probs.new_zeros(probs.shape[1]).index_add_(0, ids, used.detach())
+    f = counts / counts.sum().clamp(min=1)
     P = (probs / probs.sum(-1, keepdim=True)).mean(0)
     return probs.shape[1] * (f * P).sum()
 

@@ -105,7 +105,9 @@ class ExpertParallelExperts(GroupedExperts):
         self.last_exchange: ExchangeStats | None = None
 
     def _forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor,
-                 row_weights: torch.Tensor | None) -> torch.Tensor:
+                 row_weights: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if rows is not None:  # tokens and the token of each sorted row (GroupedExperts._forward)
+            x_sorted = x_sorted.index_select(0, rows)
         W, R, group = self.world_size, self.num_local_experts, self.group
         # recv_counts[s, j] = rows rank s sends me for my expert j
         recv_counts = exchange(tokens_per_expert, [R] * W, [R] * W, group, "dispatch: token counts").view(W, R)
