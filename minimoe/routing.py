@@ -10,6 +10,7 @@ at least float32 whatever the input dtype: softmax over low-precision logits is 
 training goes unstable (Switch Transformer, Fedus et al. 2021, section 2.4).
 """
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -86,7 +87,7 @@ def check_groups(num_experts: int, k: int, n_group: int, topk_group: int, router
     return n_group, topk_group
 
 
-class Router(nn.Module):
+class Router(nn.Module, ABC):
     """Base: a bias-free linear map `proj` d_model -> num_experts, evaluated in fp32, and `k`,
     the experts each token gets (None for expert choice, where a token gets 0..E of them).
     A router that learns nothing (HashRouter) passes learned=False and has proj = None, so it
@@ -112,9 +113,10 @@ class Router(nn.Module):
         return self._route(self.flat_tokens(x), self.check_token_ids(token_ids, x),
                            self.check_available(available_experts))
 
+    @abstractmethod
     def _route(self, tokens: torch.Tensor, token_ids: torch.Tensor | None,
                available: torch.Tensor | None) -> Routing:
-        raise NotImplementedError
+        """tokens [T, d] (fp32 flat), token_ids [T] or None, available bool [E] or None -> Routing."""
 
     def flat_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Check x [..., d_model] -> [T, d_model]."""

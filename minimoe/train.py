@@ -339,7 +339,7 @@ def _parameter_groups(model: MoETransformer) -> tuple[list[str], list[str], list
     """Parameter names in the optimizer's order: weights and embeddings (decayed), norms, and
     the routers' weights (not decayed: decay would pull the logits towards a uniform router,
     working against the specialisation the router is there to learn)."""
-    named = [(n, p) for n, p in model.named_parameters()]
+    named = list(model.named_parameters())
     router = [n for n, _ in named if ".router." in n]
     rest = [(n, p) for n, p in named if ".router." not in n]
     return [n for n, p in rest if p.dim() >= 2], [n for n, p in rest if p.dim() < 2], router
