@@ -257,9 +257,10 @@ def gather_matmul(a: torch.Tensor, w: torch.Tensor, plan: DispatchPlan, weights:
 
 def grouped_experts(x: torch.Tensor, plan: DispatchPlan, weights: torch.Tensor | None, experts: Experts,
                     block_m: int | None = None) -> torch.Tensor:
-    """[T, d]: sum over each token's kept assignments of weights[t, j] * FFN_e(x[t]), the routed
-    part of an MoE layer, as gathered GEMMs: (gate and) up GEMM reading x's rows through the
-    plan -> activation in torch -> down GEMM with the weight in its epilogue -> sum over k.
+    """[T, d]: sum over each token's kept assignments of weights[t, j] * f_e(x[t]) (f_e: the FFN of
+    expert e = expert_idx[t, j]), the routed part of an MoE layer, as gathered GEMMs: (gate and) up
+    GEMM reading x's rows through the plan -> activation in torch -> down GEMM with the weight in
+    its epilogue -> sum over k.
     x [T, d]; weights [T, k] (None: 1); experts an `Experts` (any activation)."""
     if type(experts) is not Experts:  # Int8Experts / ExpertParallelExperts hold other weights
         raise TypeError(f"experts must be a minimoe.experts.Experts, got {type(experts).__name__}")
