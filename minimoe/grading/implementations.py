@@ -10,7 +10,7 @@ import importlib
 
 IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
     "1.1": ("minimoe.numpy_ref.softmax",),
-    "1.2": ("minimoe.numpy_ref.mixture_forward", "minimoe.checks.ch01._mixture_reference"),
+    "1.2": ("minimoe.numpy_ref.mixture_backward", "minimoe.checks.ch01._input_grad_reference"),
     "1.3": ("minimoe.numpy_ref.softmax_backward", "minimoe.numpy_ref.gate_backward",
             "minimoe.numpy_ref.mixture_backward", "minimoe.checks.ch01._backward_reference"),
     "1.4": ("minimoe.numpy_ref.gate",),
