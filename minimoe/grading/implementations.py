@@ -36,7 +36,8 @@ IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
     "6.1": ("minimoe.dispatch.expert_capacity",),
     "6.2": ("minimoe.dispatch.make_plan", "minimoe.reference.kept_assignments"),
     "6.3": ("minimoe.dispatch.make_plan", "minimoe.reference.kept_assignments"),
-    "6.4": ("minimoe.metrics.max_violation",),  # max load / mean load = MaxVio + 1
+    "6.4": ("minimoe.dispatch.make_plan", "minimoe.reference.kept_assignments",
+            "minimoe.checks.ch06._what_the_plan_does"),
     "7.1": ("minimoe.model.Block",),
     "7.2": ("minimoe.model.MoETransformer",),
     "7.3": ("minimoe.metrics.specialization",),
