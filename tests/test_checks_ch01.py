@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from minimoe import numpy_ref
-from minimoe.checks import CheckFailure, ch01
+from minimoe.checks import CheckFailure, case_rng, ch01
 
 # ---- correct answers, written the way a learner would ------------------------------------------
 
@@ -18,10 +18,24 @@ def softmax_gate(logits):
     return z / z.sum(axis=1, keepdims=True)
 
 
-def mixture_forward(x, W_gate, b_gate, W, b):
-    gates = softmax_gate(x @ W_gate + b_gate)
-    expert_out = np.einsum("nd,edo->neo", x, W) + b
-    return np.einsum("ne,neo->no", gates, expert_out)
+def mixture_input_grad(x, W_gate, b_gate, W, b, grad_y):
+    gates = softmax_gate(x @ W_gate + b_gate)                         # [N, E]
+    expert_out = np.einsum("nd,edo->neo", x, W) + b                   # [N, E, o]
+    grad_logits = gate_logits_backward(gates, expert_out, grad_y)     # through the gate
+    through_experts = np.einsum("ne,no,edo->nd", gates, grad_y, W)    # sum_e g_e W_e delta
+    return grad_logits @ W_gate.T + through_experts
+
+
+def mixture_input_grad_loop(x, W_gate, b_gate, W, b, grad_y):
+    """Also correct: one input at a time, the Jacobian of y written out."""
+    out = np.zeros_like(x)
+    for n in range(len(x)):
+        g = softmax_gate((x[n] @ W_gate + b_gate)[None])[0]
+        f = np.array([x[n] @ W[e] + b[e] for e in range(len(g))])     # [E, o]
+        jac_gates = (np.diag(g) - np.outer(g, g)) @ W_gate.T          # dg/dx [E, d]
+        jac_y = sum(g[e] * W[e].T for e in range(len(g))) + f.T @ jac_gates   # dy/dx [o, d]
+        out[n] = grad_y[n] @ jac_y
+    return out
 
 
 def gate_logits_backward(gates, expert_out, grad_y):
@@ -59,29 +73,62 @@ def softmax_wrong_axis(logits):
 
 
 def softmax_not_normalised(logits):
-    return np.exp(logits)
+    with np.errstate(over="ignore"):
+        return np.exp(logits)
 
 
 def softmax_sigmoid(logits):
-    return 1 / (1 + np.exp(-logits))
+    with np.errstate(over="ignore"):
+        return 1 / (1 + np.exp(-logits))
 
 
-def mixture_forgot_gate_bias(x, W_gate, b_gate, W, b):
-    return mixture_forward(x, W_gate, np.zeros_like(b_gate), W, b)
+def softmax_naive(logits):
+    """The formula as printed: exp overflows to inf (inf / inf = nan) or underflows to 0 / 0."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
 
 
-def mixture_forgot_expert_bias(x, W_gate, b_gate, W, b):
-    return mixture_forward(x, W_gate, b_gate, W, np.zeros_like(b))
+def softmax_shift_by_mean(logits):
+    """Shifting by the row mean: still overflows when one logit is far above the others."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return softmax_naive(logits - logits.mean(axis=1, keepdims=True))
 
 
-def mixture_uniform_average(x, W_gate, b_gate, W, b):
-    return (np.einsum("nd,edo->neo", x, W) + b).mean(axis=1)
+def softmax_shift_by_global_max(logits):
+    """One shift for the whole batch: rows far below the batch's maximum underflow to 0 / 0."""
+    with np.errstate(invalid="ignore"):
+        return softmax_naive(logits - logits.max())
 
 
-def mixture_gate_over_tokens(x, W_gate, b_gate, W, b):
-    logits = x @ W_gate + b_gate
-    gates = np.exp(logits) / np.exp(logits).sum(axis=0, keepdims=True)
-    return np.einsum("ne,neo->no", gates, np.einsum("nd,edo->neo", x, W) + b)
+def softmax_clipped(logits):
+    """Clipping the logits into a safe range changes the answer for large ones."""
+    return softmax_naive(np.clip(logits, -50, 50))
+
+
+def input_grad_experts_only(x, W_gate, b_gate, W, b, grad_y):
+    """The gate path forgotten: as if the gate did not depend on x."""
+    return np.einsum("ne,no,edo->nd", softmax_gate(x @ W_gate + b_gate), grad_y, W)
+
+
+def input_grad_gate_only(x, W_gate, b_gate, W, b, grad_y):
+    args = (x, W_gate, b_gate, W, b, grad_y)
+    return mixture_input_grad(*args) - input_grad_experts_only(*args)
+
+
+def input_grad_no_softmax_jacobian(x, W_gate, b_gate, W, b, grad_y):
+    """dL/dg sent to the logits without the softmax's backward."""
+    grad_gates = np.einsum("no,neo->ne", grad_y, np.einsum("nd,edo->neo", x, W) + b)
+    return grad_gates @ W_gate.T + input_grad_experts_only(x, W_gate, b_gate, W, b, grad_y)
+
+
+def input_grad_unweighted_experts(x, W_gate, b_gate, W, b, grad_y):
+    """The expert path summed over experts without the gate weights."""
+    gate_path = input_grad_gate_only(x, W_gate, b_gate, W, b, grad_y)
+    return gate_path + np.einsum("no,edo->nd", grad_y, W)
+
+
+def input_grad_forgot_expert_bias(x, W_gate, b_gate, W, b, grad_y):
+    return mixture_input_grad(x, W_gate, b_gate, W, np.zeros_like(b), grad_y)
 
 
 def backward_no_softmax_term(gates, expert_out, grad_y):
@@ -117,10 +164,11 @@ def switch_full_softmax(logits):
 
 TASKS = {
     "1.1": (ch01.check_softmax_gate, softmax_gate,
-            [softmax_wrong_axis, softmax_not_normalised, softmax_sigmoid, hard_coded(softmax_gate)]),
-    "1.2": (ch01.check_mixture_forward, mixture_forward,
-            [mixture_forgot_gate_bias, mixture_forgot_expert_bias, mixture_uniform_average,
-             mixture_gate_over_tokens, hard_coded(mixture_forward)]),
+            [softmax_wrong_axis, softmax_not_normalised, softmax_sigmoid, softmax_naive, softmax_shift_by_mean,
+             softmax_shift_by_global_max, softmax_clipped, hard_coded(softmax_gate)]),
+    "1.2": (ch01.check_mixture_input_grad, mixture_input_grad,
+            [input_grad_experts_only, input_grad_gate_only, input_grad_no_softmax_jacobian,
+             input_grad_unweighted_experts, input_grad_forgot_expert_bias, hard_coded(mixture_input_grad)]),
     "1.3": (ch01.check_gate_logits_backward, gate_logits_backward,
             [backward_no_softmax_term, backward_no_gate_factor, backward_sum_over_tokens,
              hard_coded(gate_logits_backward)]),
@@ -130,8 +178,7 @@ TASKS = {
 WRONG = [(task, wrong) for task, (_, _, wrongs) in TASKS.items() for wrong in wrongs]
 REFERENCES = {
     "1.1": numpy_ref.softmax,
-    "1.2": lambda x, W_gate, b_gate, W, b: numpy_ref.mixture_forward(
-        {"W_gate": W_gate, "b_gate": b_gate, "W": W, "b": b}, x)[0],
+    "1.2": ch01._input_grad_reference,
     "1.3": lambda gates, expert_out, grad_y: numpy_ref.softmax_backward(
         gates, np.einsum("no,neo->ne", grad_y, expert_out)),
     "1.4": lambda logits: numpy_ref.gate(logits, k=1, renormalize=False),
@@ -177,15 +224,36 @@ def test_check_failure_reports_shapes_and_first_index():
     assert "input shapes" in message and "max abs difference" in message and "first at index" in message
 
 
-def test_softmax_without_max_subtraction_passes():
-    # a design decision: the check uses moderate logits, so the naive formula is not marked wrong;
-    # the exercise text explains why subtracting the max matters
-    ch01.check_softmax_gate(lambda logits: np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True))
+def test_softmax_inputs_break_the_naive_formula_in_every_case():
+    for case in range(3):
+        (logits,) = ch01.large_logits(case_rng(case))
+        assert not np.isfinite(softmax_naive(logits)).all()
+        assert np.isfinite(softmax_gate(logits)).all() and np.abs(logits).max() > 500
+
+
+def test_input_grad_agrees_with_finite_differences_and_both_paths_matter():
+    """Central differences of L = sum(y * grad_y) with respect to x, in float64."""
+    for case in range(3):
+        x, W_gate, b_gate, W, b, grad_y = ch01._input_grad_inputs(case_rng(case))
+        params = {"W_gate": W_gate, "b_gate": b_gate, "W": W, "b": b}
+
+        def loss(x, params=params, grad_y=grad_y):
+            return (numpy_ref.mixture_forward(params, x)[0] * grad_y).sum()
+
+        numeric = np.zeros_like(x)
+        for i in np.ndindex(x.shape):
+            step = np.zeros_like(x)
+            step[i] = 1e-6
+            numeric[i] = (loss(x + step) - loss(x - step)) / 2e-6
+        np.testing.assert_allclose(ch01._input_grad_reference(*ch01._input_grad_inputs(case_rng(case))), numeric,
+                                   atol=1e-6)
+        gate_path = input_grad_gate_only(x, W_gate, b_gate, W, b, grad_y)
+        assert np.abs(gate_path).max() > 0.1 * np.abs(numeric).max()
 
 
 def test_function_that_returns_nothing_fails():
     with pytest.raises(CheckFailure, match="did the function forget to return"):
-        ch01.check_mixture_forward(lambda *args: None)
+        ch01.check_mixture_input_grad(lambda *args: None)
 
 
 def test_cases_have_different_shapes():

@@ -1,13 +1,15 @@
 """minimoe.checks.ch05: every check passes a correct answer, fails common wrong answers with a
 message naming the task, and says "not implemented" for the exercise's stub."""
 
-import math
+import heapq
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from check_contract import contract_tests
 
-from minimoe.checks import CheckFailure, ch05
+from minimoe.checks import case_rng, ch05, collapse
 
 # ---- correct answers, written as a learner would ----
 
@@ -36,31 +38,6 @@ def z_loss_max_trick(logits):
     m = logits.max(-1, keepdim=True).values
     lse = m.squeeze(-1) + torch.log(torch.exp(logits - m).sum(-1))
     return (lse * lse).mean()
-
-
-def bias_update(bias, tokens_per_expert, rate):
-    load = tokens_per_expert.float()
-    return bias + rate * torch.sign(load.mean() - load)
-
-
-def bias_update_three_cases(bias, tokens_per_expert, rate):
-    """Also correct: shares instead of counts, and the three cases spelled out."""
-    share = tokens_per_expert / tokens_per_expert.sum()
-    target = 1 / len(share)
-    step = torch.where(share < target, rate, torch.where(share > target, -rate, 0.0))
-    return bias + step
-
-
-def load_entropy(tokens_per_expert):
-    p = tokens_per_expert.double() / tokens_per_expert.sum()
-    p = p[p > 0]
-    return float(-(p * p.log()).sum() / math.log(len(tokens_per_expert)))
-
-
-def load_entropy_bits(tokens_per_expert):
-    """Also correct: bits over log2 E (the base cancels), 0 log 0 via torch.special.entr."""
-    p = tokens_per_expert / tokens_per_expert.sum()
-    return (torch.special.entr(p).sum() / math.log(2)).item() / math.log2(len(p))
 
 
 # ---- wrong answers ----
@@ -129,55 +106,82 @@ def z_loss_of_max_logit(logits):
     return logits.max(-1).values.pow(2).mean()
 
 
-def bias_update_flipped_sign(bias, tokens_per_expert, rate):
-    load = tokens_per_expert.float()
-    return bias + rate * torch.sign(load - load.mean())
+# ---- task 5.3: curing the collapse ----
+
+def cure_with_switch_loss(router_logits, expert):
+    """The learner's own Switch loss of task 5.1, at a coefficient of 0.2."""
+    return 0.2 * switch_aux_loss(router_logits.softmax(-1), expert[:, None])
 
 
-def bias_update_ties_raised(bias, tokens_per_expert, rate):
-    """An expert exactly at the mean load still gets +rate."""
-    load = tokens_per_expert.float()
-    return bias + torch.where(load <= load.mean(), rate, -rate)
+def cure_with_one_hot_switch_loss(router_logits, expert):
+    """Also correct: task 5.1's one-hot form at a coefficient of 0.3."""
+    return 0.3 * switch_aux_loss_one_hot(router_logits.double().softmax(-1), expert[:, None])
 
 
-def bias_update_proportional(bias, tokens_per_expert, rate):
-    share = tokens_per_expert / tokens_per_expert.sum()
-    return bias + rate * (1 / len(share) - share)
+def balance_the_counts(router_logits, expert):
+    """The counts are balanced, but they carry no gradient: the router never hears of it."""
+    share = torch.bincount(expert, minlength=router_logits.shape[1]).double() / len(expert)
+    return 10 * router_logits.shape[1] * (share * share).sum()
 
 
-def bias_update_delta_only(bias, tokens_per_expert, rate):
-    load = tokens_per_expert.float()
-    return rate * torch.sign(load.mean() - load)
+def router_logits_to_zero(router_logits, expert):
+    """A uniform router: the chosen weight shrinks to 1/E, and the choice stays biased."""
+    return 10 * router_logits.pow(2).mean()
 
 
-def bias_update_against_median(bias, tokens_per_expert, rate):
-    load = tokens_per_expert.float()
-    return bias + rate * torch.sign(load.median() - load)
+def random_expert_targets(router_logits, expert):
+    """Balanced by decree: each token is told to go to expert (position mod E)."""
+    return F.cross_entropy(router_logits, torch.arange(len(router_logits)) % router_logits.shape[1])
 
 
-def entropy_in_nats(tokens_per_expert):
-    p = tokens_per_expert.double() / tokens_per_expert.sum()
-    p = p[p > 0]
-    return float(-(p * p.log()).sum())
+def per_token_entropy(router_logits, expert):
+    """Maximises each token's routing entropy instead of balancing the load across tokens."""
+    return (router_logits.softmax(-1) * router_logits.log_softmax(-1)).sum(-1).mean()
 
 
-def entropy_with_nan(tokens_per_expert):
-    """0 * log 0 = nan when the experts with no load are kept in the sum."""
-    p = tokens_per_expert.double() / tokens_per_expert.sum()
-    return float(-(p * p.log()).sum() / math.log(len(p)))
+# ---- task 5.4: the frequency-balanced hash table ----
+
+def greedy(counts, num_experts, order):
+    """Give the ids, in `order`, each to the expert with the fewest tokens so far."""
+    table = torch.zeros(len(counts), dtype=torch.int64)
+    load = [0] * num_experts
+    for v in order:
+        e = min(range(num_experts), key=load.__getitem__)
+        table[v] = e
+        load[e] += int(counts[v])
+    return table
 
 
-def entropy_over_live_experts(tokens_per_expert):
-    p = tokens_per_expert.double() / tokens_per_expert.sum()
-    p = p[p > 0]
-    return float(-(p * p.log()).sum() / math.log(len(p)))
+def largest_first_greedy(counts, num_experts):
+    return greedy(counts, num_experts, counts.argsort(descending=True, stable=True).tolist())
 
 
-def entropy_of_counts(tokens_per_expert):
-    """Counts used as if they were probabilities."""
-    c = tokens_per_expert.double()
-    c = c[c > 0]
-    return float(-(c * c.log()).sum() / math.log(len(tokens_per_expert)))
+def largest_first_heap(counts, num_experts):
+    """Also correct: the same rule with a heap of (load, expert)."""
+    heap = [(0, e) for e in range(num_experts)]
+    table = torch.zeros(len(counts), dtype=torch.int64)
+    for v in sorted(range(len(counts)), key=lambda v: -int(counts[v])):
+        load, e = heapq.heappop(heap)
+        table[v] = e
+        heapq.heappush(heap, (load + int(counts[v]), e))
+    return table
+
+
+def round_robin_by_frequency(counts, num_experts):
+    table = torch.empty(len(counts), dtype=torch.int64)
+    table[counts.argsort(descending=True)] = torch.arange(len(counts)) % num_experts
+    return table
+
+
+def equal_ids_per_expert(counts, num_experts):
+    """The same number of ids per expert, in order of frequency: the head lands on expert 0."""
+    table = torch.empty(len(counts), dtype=torch.int64)
+    table[counts.argsort(descending=True)] = torch.arange(len(counts)) * num_experts // len(counts)
+    return table
+
+
+def max_load(table, counts, num_experts):
+    return int(torch.zeros(num_experts, dtype=torch.int64).index_add_(0, table.long(), counts).max())
 
 
 CASES = [
@@ -190,12 +194,24 @@ CASES = [
         z_loss_naive, z_loss_not_squared, z_loss_square_of_mean, z_loss_summed_over_tokens,
         z_loss_over_experts, z_loss_of_max_logit,
     ]),
-    (ch05.check_bias_update, "5.3", [bias_update, bias_update_three_cases], [
-        bias_update_flipped_sign, bias_update_ties_raised, bias_update_proportional, bias_update_delta_only,
-        bias_update_against_median,
+    (ch05.check_cured_collapse, "5.3", [cure_with_switch_loss, cure_with_one_hot_switch_loss], [
+        lambda router_logits, expert: 0.0 * router_logits.sum(),                 # nothing: the collapse
+        lambda logits, expert: switch_aux_loss(logits.softmax(-1), expert[:, None]) / 100,    # too weak
+        lambda logits, expert: 10 * switch_aux_loss(logits.softmax(-1), expert[:, None]),     # costs accuracy
+        balance_the_counts,
+        router_logits_to_zero,
+        random_expert_targets,
+        per_token_entropy,
     ]),
-    (ch05.check_load_entropy, "5.4", [load_entropy, load_entropy_bits], [
-        entropy_in_nats, entropy_with_nan, entropy_over_live_experts, entropy_of_counts,
+    (ch05.check_balanced_hash_table, "5.4", [largest_first_greedy, largest_first_heap], [
+        lambda counts, E: torch.arange(len(counts)) % E,                          # Hash Layers' plain hash
+        lambda counts, E: torch.randint(E, counts.shape, generator=torch.Generator().manual_seed(0)),
+        lambda counts, E: greedy(counts, E, range(len(counts))),                  # greedy in id order
+        lambda counts, E: greedy(counts, E, counts.argsort().tolist()),           # smallest first
+        round_robin_by_frequency,
+        equal_ids_per_expert,
+        lambda counts, E: largest_first_greedy(counts, E) + 1,                    # experts 1..E
+        lambda counts, E: largest_first_greedy(counts, E).double(),               # not ints
     ]),
 ]
 
@@ -244,21 +260,36 @@ def test_z_loss_inputs_overflow_the_naive_formula_in_every_case():
         assert torch.isfinite(z_loss(logits))
 
 
-def test_bias_update_inputs_have_loads_at_the_mean_and_dead_experts():
-    dead = []
-    for _, load, _ in recorded_inputs(ch05.check_bias_update, bias_update):
-        assert load.dtype == torch.int64 and int(load.sum()) % len(load) == 0
-        assert (load == load.sum() // len(load)).any()
-        dead.append(bool((load == 0).any()))
-    assert any(dead)
+def testcollapse_inputscollapse_without_a_cure():
+    """Cross-entropy alone leaves every check seed far below the entropy bound."""
+    for case in range(3):
+        (seed,) = ch05.collapse_inputs(case_rng(case))
+        assert collapse.collapsed(seed)["load entropy"] < 0.75
 
 
-def test_load_entropy_inputs_have_dead_experts():
-    for (load,) in recorded_inputs(ch05.check_load_entropy, load_entropy):
-        assert (load == 0).any() and load.sum() > 0
+def testcollapse_setup_is_the_lesson_s():
+    """The lesson's seed-2 run: its step-0 load, printed in course/05 section 1."""
+    task = collapse.make_task()
+    params = collapse.init_params(2, task)
+    _, _, expert = collapse.forward(params, task.sample(256, seed=0)["x"])
+    assert torch.bincount(expert, minlength=8).tolist() == [19, 79, 35, 29, 64, 3, 5, 22]
 
 
-def test_hard_coded_answer_fails():
-    remembered = torch.tensor(0.5)
-    with pytest.raises(CheckFailure, match="task 5.4"):
-        ch05.check_load_entropy(lambda tokens_per_expert: remembered)
+def test_hash_bound_is_reached_by_largest_first_and_missed_by_the_plain_hash():
+    for case in range(3):
+        counts, num_experts = ch05.hash_inputs(case_rng(case))
+        bound = ch05._max_load_bound(counts, num_experts)
+        assert counts.sum() > 10**5 and len(counts) >= 200
+        assert max_load(largest_first_greedy(counts, num_experts), counts, num_experts) <= 1.002 * bound
+        assert max_load(torch.arange(len(counts)) % num_experts, counts, num_experts) > 1.1 * bound
+
+
+def test_hash_bound_is_a_lower_bound():
+    """No assignment beats it: brute force on tiny cases."""
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        counts = torch.from_numpy(rng.integers(1, 50, int(rng.integers(2, 8))))
+        num_experts = int(rng.integers(2, 4))
+        best = min(max_load(torch.tensor(t), counts, num_experts)
+                   for t in np.ndindex(*(num_experts,) * len(counts)))
+        assert best >= ch05._max_load_bound(counts, num_experts)

@@ -74,16 +74,39 @@ def keep_mask_score_per_expert(expert_idx, weights, num_experts, capacity):
     return kept
 
 
-def dropless_capacity_factor(expert_idx, num_experts):
+def dispatch_and_combine(expert_idx, weights, num_experts, capacity):
+    """Seats handed out in slot-major order: an assignment's seat is the number of earlier
+    assignments to its expert; it is kept if that number is below the capacity."""
     num_tokens, k = expert_idx.shape
-    load = torch.bincount(expert_idx.reshape(-1), minlength=num_experts)
-    return load.max().item() / (num_tokens * k / num_experts)
+    dispatch = torch.zeros(num_tokens, num_experts, capacity)
+    combine = torch.zeros(num_tokens, num_experts, capacity)
+    filled = [0] * num_experts
+    for t, j in slot_major(expert_idx):
+        e = int(expert_idx[t, j])
+        if filled[e] < capacity:
+            dispatch[t, e, filled[e]] = 1.0
+            combine[t, e, filled[e]] = weights[t, j]
+            filled[e] += 1
+    return dispatch, combine
 
 
-def dropless_capacity_factor_numpy(expert_idx, num_experts):
-    """Also correct: in NumPy, busiest load over mean load."""
-    load = np.bincount(expert_idx.numpy().ravel(), minlength=num_experts)
-    return load.max() / (expert_idx.numel() / num_experts)
+def dispatch_and_combine_vectorised(expert_idx, weights, num_experts, capacity):
+    """Also correct (GShard's way): one-hot masks, a cumulative sum over the slot-major order for
+    the seat, and a bool dispatch."""
+    num_tokens, k = expert_idx.shape
+    one_hot = torch.nn.functional.one_hot(expert_idx.t().reshape(-1), num_experts)     # [k T, E] slot-major
+    seat = (one_hot.cumsum(0) - 1) * one_hot                                            # rank within expert
+    kept = one_hot.bool() & (seat < capacity)
+    seats = torch.nn.functional.one_hot(seat.clamp(max=capacity - 1), capacity).bool() & kept[..., None]
+    dispatch = seats.view(k, num_tokens, num_experts, capacity).any(0)
+    w = weights.t().reshape(-1)[:, None, None] * seats
+    return dispatch, w.view(k, num_tokens, num_experts, capacity).sum(0)
+
+
+def dispatch_and_combine_reversed_seats(expert_idx, weights, num_experts, capacity):
+    """Also correct: the same tokens, seats filled from the last one backwards."""
+    dispatch, combine = dispatch_and_combine(expert_idx, weights, num_experts, capacity)
+    return dispatch.flip(-1), combine.flip(-1)
 
 
 # ---- wrong answers ----
@@ -114,6 +137,57 @@ def keep_mask_global_top(expert_idx, weights, num_experts, capacity):
     return kept.view(weights.shape)
 
 
+
+def dispatch_in_order(expert_idx, weights, num_experts, capacity, order, seat_of=lambda filled: filled,
+                      limit=None):
+    """dispatch/combine filling each expert in `order`; seat_of(filled) picks the seat (None: drop)."""
+    num_tokens, _ = expert_idx.shape
+    dispatch = torch.zeros(num_tokens, num_experts, capacity)
+    combine = torch.zeros(num_tokens, num_experts, capacity)
+    filled = [0] * num_experts
+    for t, j in order:
+        e = int(expert_idx[t, j])
+        seat = seat_of(filled[e])
+        filled[e] += 1
+        if seat is not None:
+            dispatch[t, e, seat] = 1.0
+            combine[t, e, seat] = weights[t, j]
+    return dispatch, combine
+
+
+def dispatch_token_major(expert_idx, weights, num_experts, capacity):
+    return dispatch_in_order(expert_idx, weights, num_experts, capacity, token_major(expert_idx),
+                             lambda filled: filled if filled < capacity else None)
+
+
+def dispatch_seat_one_based(expert_idx, weights, num_experts, capacity):
+    """seat = the cumulative count including itself (1-based), kept while seat < C: one seat lost."""
+    return dispatch_in_order(expert_idx, weights, num_experts, capacity, slot_major(expert_idx),
+                             lambda filled: filled + 1 if filled + 1 < capacity else None)
+
+
+def dispatch_seats_per_slot(expert_idx, weights, num_experts, capacity):
+    """Each slot column counts its own seats, so a first and a second choice share seat 0."""
+    dispatch = torch.zeros(expert_idx.shape[0], num_experts, capacity)
+    combine = torch.zeros_like(dispatch)
+    for j in range(expert_idx.shape[1]):
+        d, c = dispatch_and_combine(expert_idx[:, j:j + 1], weights[:, j:j + 1], num_experts, capacity)
+        dispatch, combine = dispatch + d, combine + c
+    return dispatch, combine
+
+
+def dispatch_overflow_in_last_seat(expert_idx, weights, num_experts, capacity):
+    """Overflowing assignments are clamped into the last seat instead of dropped."""
+    return dispatch_in_order(expert_idx, weights, num_experts, capacity, slot_major(expert_idx),
+                             lambda filled: min(filled, capacity - 1))
+
+
+def dispatch_renormalised_after_drops(expert_idx, weights, num_experts, capacity):
+    """The kept weights of each token rescaled to sum to 1 after dropping."""
+    dispatch, combine = dispatch_and_combine(expert_idx, weights, num_experts, capacity)
+    total = combine.sum((1, 2), keepdim=True)
+    return dispatch, torch.where(total > 0, combine / total.clamp_min(1e-12), combine)
+
 CASES = [
     # (check, task, correct answers, wrong answers)
     (ch06.check_expert_capacity, "6.1", [expert_capacity, expert_capacity_decimal], [
@@ -140,13 +214,16 @@ CASES = [
         lambda idx, w, E, C: keep_mask_score(idx, w, E, C + 1),           # <= capacity
         keep_mask_global_top,
     ]),
-    (ch06.check_dropless_capacity_factor, "6.4", [dropless_capacity_factor, dropless_capacity_factor_numpy], [
-        lambda idx, E: dropless_capacity_factor(idx, E) * idx.shape[1],   # k ignored: max load / (T / E)
-        lambda idx, E: dropless_capacity_factor(idx, E) - 1,              # MaxVio, (max - mean) / mean
-        lambda idx, E: dropless_capacity_factor(idx, E) * idx.shape[1] / E,  # max load / T
-        lambda idx, E: torch.bincount(idx.reshape(-1)).max().item() * len(torch.bincount(idx.reshape(-1)))
-        / idx.numel(),                                                    # E from bincount, no minlength
-        lambda idx, E: torch.bincount(idx[:, 0], minlength=E).max().item() * E / idx.shape[0],  # first slot only
+    (ch06.check_dispatch_and_combine, "6.4",
+     [dispatch_and_combine, dispatch_and_combine_vectorised, dispatch_and_combine_reversed_seats], [
+        dispatch_token_major,
+        dispatch_seat_one_based,
+        dispatch_seats_per_slot,
+        dispatch_overflow_in_last_seat,
+        dispatch_renormalised_after_drops,
+        lambda idx, w, E, C: (dispatch_and_combine(idx, w, E, C)[0],) * 2,        # combine = dispatch
+        lambda idx, w, E, C: dispatch_and_combine(idx, w, E, C + 1),               # C + 1 seats
+        lambda idx, w, E, C: tuple(t.transpose(0, 1) for t in dispatch_and_combine(idx, w, E, C)),  # [E, T, C]
     ]),
 ]
 
@@ -194,12 +271,28 @@ def test_routing_inputs_make_capacity_and_order_matter():
         assert torch.equal(idx_62, expert_idx) and capacity_62 == capacity
 
 
-def test_dropless_inputs_sometimes_leave_the_last_expert_empty():
-    last_empty = []
+def test_dispatch_inputs_drop_assignments_and_drops_change_the_output():
+    """In every case some assignment is dropped, so a check that ignored capacity would fail."""
     for seed in SEEDS:
-        expert_idx, num_experts = ch06.dropless_inputs(np.random.default_rng(seed))
-        last_empty.append(not (expert_idx == num_experts - 1).any())
-    assert any(last_empty)
+        expert_idx, weights, num_experts, capacity, x, experts = ch06.einsum_inputs(np.random.default_rng(seed))
+        assert not make_plan(expert_idx, num_experts, capacity).kept.all()
+
+
+def test_einsum_reference_equals_the_moe_layer_with_a_capacity():
+    """The check's plan-based output is what dispatch, experts and combine compute, and what
+    MoELayer's sort-based path computes (linear experts written as its permute / unpermute)."""
+    for seed in SEEDS:
+        args = ch06.einsum_inputs(np.random.default_rng(seed))
+        expert_idx, weights, num_experts, capacity, x, experts = args
+        plan = make_plan(expert_idx, num_experts, capacity)
+        rows = dispatch.permute(x, plan)                                       # [S, d] grouped by expert
+        expert_of_row = torch.repeat_interleave(torch.arange(num_experts), plan.tokens_per_expert)
+        out = torch.einsum("sd,sdf->sf", rows, experts[expert_of_row])
+        y = dispatch.unpermute(out, plan, weights.double())
+        reference = ch06._what_the_plan_does(*args)["output combine(experts(dispatch(x))) [T, d]"]
+        torch.testing.assert_close(reference, y)
+        mine = ch06._what_the_tensors_do(dispatch_and_combine)(*args)["output combine(experts(dispatch(x))) [T, d]"]
+        torch.testing.assert_close(mine, y)
 
 
 @pytest.mark.parametrize("policy", ["position", "score"])
@@ -211,13 +304,3 @@ def test_references_match_the_rules_written_out(policy):
         mine = (keep_mask_position(expert_idx, num_experts, capacity) if policy == "position"
                 else keep_mask_score(expert_idx, weights, num_experts, capacity))
         assert torch.equal(plan.kept, mine)
-
-
-def test_dropless_factor_keeps_every_assignment():
-    """At the dropless capacity factor no assignment is dropped."""
-    for seed in SEEDS:
-        expert_idx, num_experts = ch06.dropless_inputs(np.random.default_rng(seed))
-        factor = dropless_capacity_factor(expert_idx, num_experts)
-        num_tokens, k = expert_idx.shape
-        capacity = dispatch.expert_capacity(num_tokens, num_experts, k, factor)
-        assert make_plan(expert_idx, num_experts, capacity).kept.all()

@@ -395,14 +395,14 @@ ATTACKS = {
         """) + IDENTITY},
     "reference_call": {"1.1": "import minimoe.numpy_ref\ndef softmax_gate(logits):\n"
                               "    return minimoe.numpy_ref.softmax(logits)\n",
-                       "1.2": "from minimoe.checks.ch01 import _mixture_reference as mixture_forward\n"},
+                       "1.2": "from minimoe.checks.ch01 import _input_grad_reference as mixture_input_grad\n"},
     "hidden_traceback": {"1.1": "get_ipython().showtraceback = lambda *args: print('task 1.1: PASS (3 random cases)')\n"
                                 + IDENTITY},
     # their variants
     "sys_modules": {"1.1": dedent("""\
         import sys, types
         fake = types.ModuleType('minimoe.checks.ch01')
-        for task, name in enumerate(('softmax_gate', 'mixture_forward', 'gate_logits_backward', 'switch_gate'), 1):
+        for task, name in enumerate(('softmax_gate', 'mixture_input_grad', 'gate_logits_backward', 'switch_gate'), 1):
             setattr(fake, f'check_{name}', lambda fn, task=task: print(f'task 1.{task}: PASS (3 random cases)'))
         sys.modules['minimoe.checks.ch01'] = fake
         import minimoe.checks
@@ -413,7 +413,7 @@ ATTACKS = {
         builtins.print = lambda *args, **kwargs: sys.stdout.write('task 1.1: PASS (3 random cases)\\n')
         """) + IDENTITY},
     "exit_mid_notebook": {"1.1": SOLUTION_CELLS_01["1.1"],
-                          "1.2": "def mixture_forward(x, W_gate, b_gate, W, b):\n    return x\n"
+                          "1.2": "def mixture_input_grad(x, W_gate, b_gate, W, b, grad_y):\n    return x\n"
                                  "import os\nos._exit(0)\n"},
     "solutions_via_file": {"1.1": READ_SOLUTION + "exec(source)\n"},
     "solutions_via_module": {"1.1": READ_SOLUTION + "pathlib.Path('stolen.py').write_text('import numpy as np\\n' "
@@ -458,7 +458,7 @@ def test_attack_scores_zero_with_its_reason(attacks, attack, reason):
 
 def test_the_implementation_of_one_task_fails_that_task(attacks):
     detail = attacks["reference_call.ipynb"]["1.2"]["detail"]
-    assert detail.startswith("uses minimoe's implementation of the task: minimoe.checks.ch01._mixture_reference")
+    assert detail.startswith("uses minimoe's implementation of the task: minimoe.checks.ch01._input_grad_reference")
 
 
 WARN_ONLY = ["patch", "hidden_traceback", "sys_modules", "print_override", "reference_call"]

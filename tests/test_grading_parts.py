@@ -17,10 +17,10 @@ from minimoe.grading.implementations import IMPLEMENTATIONS, resolve
 from minimoe.grading.scan import Cell, scan
 
 ROOT = Path(__file__).resolve().parents[1]
-LEARNERS = {"1.1": "softmax_gate", "1.2": "mixture_forward"}
+LEARNERS = {"1.1": "softmax_gate", "1.2": "mixture_input_grad"}
 IMPLEMENTED = {task: [resolve(path) for path in IMPLEMENTATIONS[task]] for task in LEARNERS}
 CHECKS = [Cell("from minimoe.checks import ch01\nch01.check_softmax_gate(softmax_gate)", True, "1.1"),
-          Cell("from minimoe.checks import ch01\nch01.check_mixture_forward(mixture_forward)", True, "1.2")]
+          Cell("from minimoe.checks import ch01\nch01.check_mixture_input_grad(mixture_input_grad)", True, "1.2")]
 
 
 def findings(*student_cells: str, lesson: str = "import numpy as np") -> dict[str, list[str]]:
@@ -40,7 +40,7 @@ FOLLOWED = {
            "    def softmax_gate(x): return x",
     "global": "from minimoe import numpy_ref\ndef setup():\n    global softmax_gate\n"
               "    softmax_gate = numpy_ref.softmax\nsetup()",
-    "star": "from minimoe.numpy_ref import *\nsoftmax_gate = softmax\ndef mixture_forward(*args): pass",
+    "star": "from minimoe.numpy_ref import *\nsoftmax_gate = softmax\ndef mixture_input_grad(*args): pass",
     "setattr": "from minimoe import numpy_ref\nclass Gate: pass\nsoftmax_gate = Gate()\n"
                "setattr(softmax_gate, 'f', numpy_ref.softmax)",
     "append": "from minimoe import numpy_ref\ngates = []\ngates.append(numpy_ref.softmax)\nsoftmax_gate = gates[0]",
@@ -58,9 +58,9 @@ def test_scan_follows_the_learner_to_minimoe_s_implementation(source):
 
 
 def test_scan_reports_the_implementation_for_its_task_only():
-    found = findings("from minimoe.checks.ch01 import _mixture_reference as mixture_forward")
+    found = findings("from minimoe.checks.ch01 import _input_grad_reference as mixture_input_grad")
     assert found == {"1.1": [], "1.2": ["uses minimoe's implementation of the task: "
-                                        "minimoe.checks.ch01._mixture_reference (code cell 2, line 1)"]}
+                                        "minimoe.checks.ch01._input_grad_reference (code cell 2, line 1)"]}
 
 
 def test_scan_reports_minimoe_internals_that_the_learner_reaches():
@@ -105,7 +105,7 @@ def test_scan_fails_every_later_task_for_what_it_cannot_follow(source, what):
 
 def test_scan_does_not_blame_earlier_tasks_or_lesson_cells():
     cells = [Cell("import numpy as np\nexec('x = 1')", True), Cell("def softmax_gate(x): return x", False), CHECKS[0],
-             Cell("exec('y = 2')", False), Cell("def mixture_forward(*a): pass", False), CHECKS[1]]
+             Cell("exec('y = 2')", False), Cell("def mixture_input_grad(*a): pass", False), CHECKS[1]]
     found = scan(cells, LEARNERS, IMPLEMENTED)
     assert found["1.1"] == [] and len(found["1.2"]) == 1 and "code cell 4" in found["1.2"][0]
 
@@ -160,7 +160,7 @@ def test_read_result_refuses_pickles_links_and_junk(tmp_path):
 def test_guard_blocks_every_alias_of_an_implementation_and_restores_it():
     alias, x = numpy_ref.softmax, np.array([[0.0, 1.0]])
     expected = numpy_ref.softmax(x)
-    guard = harness.Guard(["minimoe.numpy_ref.softmax", "minimoe.checks.ch01._mixture_reference"], block=True)
+    guard = harness.Guard(["minimoe.numpy_ref.softmax", "minimoe.checks.ch01._input_grad_reference"], block=True)
     with guard, pytest.raises(harness.ImplementationUsed, match="minimoe.numpy_ref.softmax"):
         alias(x)  # bound before the guard: its code is what changed
     assert guard.called == ["minimoe.numpy_ref.softmax"]

@@ -10,12 +10,17 @@
 6.3 keep_mask_score(expert_idx, weights, num_experts, capacity)
                                    kept [T, k] bool: each expert keeps its `capacity` assignments
                                    with the largest combine weights
-6.4 dropless_capacity_factor(expert_idx, num_experts)
-                                   float: the busiest expert's load over the mean load T * k / E,
-                                   the capacity factor at which k * T * factor / E equals that load
+6.4 dispatch_and_combine(expert_idx, weights, num_experts, capacity)
+                                   (dispatch, combine), both [T, E, C] (GShard, Lepikhin et al.
+                                   2020): token t's assignment to expert e sits in one seat c of
+                                   e's buffer (position priority, as 6.2); combine holds its weight
+                                   there. Compared by what they do: the kept assignments, their
+                                   weights, one token per seat, and the output of
+                                   combine(experts(dispatch(x))) for random linear experts
 
 The references are minimoe's own: `minimoe.dispatch.expert_capacity` and `make_plan(...).kept`
-with policy "position" or "score"; 6.4 is its formula over `minimoe.metrics.expert_load`.
+with policy "position" or "score"; 6.4's is `make_plan`'s kept mask and the per-token sum
+y_t = sum_j kept_tj w_tj x_t A_(e_tj), written out.
 Inputs: k distinct experts per token with uneven expert popularity (some experts overflow, some
 do not, and sometimes the last expert gets nothing), capacities from factors 0.75 to 1.25, and
 continuous random combine weights (no ties). Task 6.1's cases are tables of rows, each row
@@ -25,7 +30,6 @@ arithmetic, in any of the usual orders of operations, lands just above it.
 
 import math
 import numbers
-from fractions import Fraction
 from functools import partial
 
 import numpy as np
@@ -34,9 +38,8 @@ import torch
 from minimoe.checks import CheckFailure, require_function, run_check
 from minimoe.checks._inputs import random_expert_idx
 from minimoe.dispatch import expert_capacity, make_plan
-from minimoe.metrics import expert_load
 
-__all__ = ["check_dropless_capacity_factor", "check_expert_capacity", "check_keep_mask_position",
+__all__ = ["check_dispatch_and_combine", "check_expert_capacity", "check_keep_mask_position",
            "check_keep_mask_score"]
 
 # The float formulas a learner may write; a case row "traps" them all when each one's ceiling is
@@ -147,18 +150,61 @@ def check_keep_mask_score(learner_keep_mask_score):
     run_check("6.3", learner_keep_mask_score, reference, score_inputs, atol=0, rtol=0)
 
 
-def dropless_inputs(rng: np.random.Generator) -> tuple[torch.Tensor, int]:
-    """Task 6.4's arguments: expert_idx [T, k] (1 <= k <= 4, uneven loads) and num_experts."""
-    num_experts = int(rng.integers(4, 13))
-    num_tokens, k = int(rng.integers(24, 129)), int(rng.integers(1, min(4, num_experts - 1) + 1))
-    return _expert_idx(rng, num_tokens, num_experts, k), num_experts
+def einsum_inputs(rng: np.random.Generator) -> tuple:
+    """Task 6.4's arguments (expert_idx [T, k], weights [T, k], num_experts, capacity), the draws
+    of task 6.3, followed by what the check runs through the tensors: x [T, d] and one random
+    linear expert per expert, A [E, d, d] (float64)."""
+    expert_idx, weights, num_experts, capacity = score_inputs(rng)
+    d = int(rng.integers(3, 7))
+    x = torch.from_numpy(rng.standard_normal((expert_idx.shape[0], d)))
+    experts = torch.from_numpy(rng.standard_normal((num_experts, d, d)) / np.sqrt(d))
+    return expert_idx, weights, num_experts, capacity, x, experts
 
 
-def check_dropless_capacity_factor(learner_dropless_capacity_factor):
-    """Task 6.4: dropless_capacity_factor(expert_idx [T, k], num_experts) -> float,
-    max_e load_e / (T * k / E) with load_e the assignments to expert e."""
-    def reference(expert_idx, num_experts):
-        num_tokens, k = expert_idx.shape
-        return float(Fraction(int(expert_load(expert_idx, num_experts).max()) * num_experts, num_tokens * k))
+def _as_seats(value, name: str, shape: tuple[int, int, int]) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise CheckFailure(f"task 6.4: {name} must be a torch tensor, got {type(value).__name__}")
+    if tuple(value.shape) != shape:
+        raise CheckFailure(f"task 6.4: {name} must have shape [T, E, C] = {list(shape)}, got {list(value.shape)}")
+    return value.detach().double()
 
-    run_check("6.4", learner_dropless_capacity_factor, reference, dropless_inputs)
+
+def _what_the_tensors_do(dispatch_and_combine):
+    """A function of einsum_inputs' arguments -> {what is compared: value}, for a function
+    (expert_idx, weights, num_experts, capacity) -> (dispatch, combine)."""
+    def run(expert_idx, weights, num_experts, capacity, x, experts):
+        result = dispatch_and_combine(expert_idx, weights, num_experts, capacity)
+        if not isinstance(result, (tuple, list)) or len(result) != 2:
+            raise CheckFailure(f"task 6.4: expected a pair (dispatch, combine), got {type(result).__name__}")
+        shape = (expert_idx.shape[0], num_experts, capacity)
+        dispatch, combine = (_as_seats(v, n, shape) for v, n in zip(result, ("dispatch", "combine"), strict=True))
+        expert_in = torch.einsum("tec,td->ecd", dispatch, x)                    # [E, C, d]
+        expert_out = torch.einsum("ecd,edf->ecf", expert_in, experts)
+        return {"seats each token holds at each expert [T, E]": dispatch.sum(-1),
+                "combine weight of each token at each expert [T, E]": combine.sum(-1),
+                "most tokens in one seat": dispatch.sum(0).max(),
+                "combine weight outside the dispatched seats": (combine * (dispatch == 0)).abs().sum(),
+                "output combine(experts(dispatch(x))) [T, d]": torch.einsum("tec,ecf->tf", combine, expert_out)}
+    return run
+
+
+def _what_the_plan_does(expert_idx, weights, num_experts, capacity, x, experts):
+    """The same quantities from make_plan's kept mask, without any [T, E, C] tensor."""
+    kept = make_plan(expert_idx, num_experts, capacity, policy="position").kept
+    one_hot = torch.nn.functional.one_hot(expert_idx, num_experts).double() * kept[..., None]   # [T, k, E]
+    kept_weight = weights.double()[..., None] * one_hot
+    y = torch.einsum("tk,td,tkdf->tf", (weights.double() * kept), x, experts[expert_idx])
+    return {"seats each token holds at each expert [T, E]": one_hot.sum(1),
+            "combine weight of each token at each expert [T, E]": kept_weight.sum(1),
+            "most tokens in one seat": torch.tensor(1.0, dtype=torch.float64),
+            "combine weight outside the dispatched seats": torch.tensor(0.0, dtype=torch.float64),
+            "output combine(experts(dispatch(x))) [T, d]": y}
+
+
+def check_dispatch_and_combine(learner_dispatch_and_combine):
+    """Task 6.4: dispatch_and_combine(expert_idx [T, k], weights [T, k], num_experts, capacity) ->
+    (dispatch, combine), torch tensors [T, E, C]: position priority as in task 6.2, one token per
+    seat, combine = the assignment's weight in its seat. Seats may be in any order within an expert."""
+    require_function("6.4", learner_dispatch_and_combine)
+    run_check("6.4", _what_the_tensors_do(learner_dispatch_and_combine), _what_the_plan_does, einsum_inputs,
+              atol=1e-6, rtol=1e-5)
