@@ -201,9 +201,14 @@ class CollapseResult:
 def collapse_experiment(balancing: str = "none", steps: int = 300, seed: int = 0, *,
                         aux_loss_coef: float = 0.1, z_loss_coef: float = 1e-3,
                         bias_update_rate: float = 0.01, lr: float = 1e-2,
-                        batch_size: int = 256) -> CollapseResult:
+                        batch_size: int = 256, k: int = 1, score: str = "softmax",
+                        normalize: bool = False, routed_scaling_factor: float = 1.0,
+                        noise_std: float = 0.0) -> CollapseResult:
     """Train a top-1 MoE (E=8, Switch-style: weight = the chosen softmax probability) on
-    `make_task()` with one balancing method (seed sets the initialisation and the batches):
+    `make_task()` with one balancing method (seed sets the initialisation and the batches).
+    k, score, normalize, routed_scaling_factor and noise_std (training-mode logit noise) go to
+    the `TopKRouter`; DeepSeek-V3's setting is k=2, score="sigmoid", normalize=True (the chosen
+    scores renormalised). Balancing:
       "none"           cross-entropy only;
       "aux_loss"       + aux_loss_coef * Switch load-balancing loss;
       "aux_free_bias"  DeepSeek-V3 bias (rate bias_update_rate), updated once per step;
@@ -227,7 +232,8 @@ def collapse_experiment(balancing: str = "none", steps: int = 300, seed: int = 0
     task = make_task()
     with _seeded(seed):
         rate = bias_update_rate if balancing == "aux_free_bias" else 0.0
-        router = TopKRouter(task.d_model, NUM_EXPERTS, k=1, normalize=False, bias_update_rate=rate)
+        router = TopKRouter(task.d_model, NUM_EXPERTS, k=k, score=score, normalize=normalize,
+                            bias_update_rate=rate, routed_scaling_factor=routed_scaling_factor, noise_std=noise_std)
         model = _model(task, router)
         trace = train_classifier(model, task, steps, batch_size=batch_size, lr=lr, seed=seed,
                                  aux_loss_coef=aux_loss_coef if balancing == "aux_loss" else 0.0,
