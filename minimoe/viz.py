@@ -266,7 +266,8 @@ def capacity_slot_grid(expert_idx, num_experts: int, capacity: int, weights=None
     width = capacity + (overflow + 0.3 if overflow else 0)
     palette = sns.color_palette("colorblind", 10)
     drop_color, colors = palette[3], [c for i, c in enumerate(palette) if i != 3] * k  # 3: vermillion
-    fig = Figure(figsize=(1.5 + 0.75 * width * len(policies), 1.4 + 0.5 * num_experts), layout="constrained")
+    fig = Figure(figsize=(max(7.0, 1.5 + 0.75 * width * len(policies)), 1.6 + 0.5 * num_experts),
+                 layout="constrained")
     axes = fig.subplots(1, len(policies), squeeze=False)[0]
 
     def cell(ax, x, e, a, gid, **style):
