@@ -280,7 +280,8 @@ def capacity_slot_grid(expert_idx, num_experts: int, capacity: int, weights=None
         for e in range(num_experts):
             for c in range(capacity):
                 if seats[e, c] < 0:
-                    ax.add_patch(Rectangle((c, e), 1, 1, facecolor="white", edgecolor="0.8", gid=f"empty e={e} seat={c}"))
+                    ax.add_patch(Rectangle((c, e), 1, 1, facecolor="white", edgecolor="0.8",
+                                           gid=f"empty e={e} seat={c}"))
                 else:
                     j = seats[e, c] % k
                     cell(ax, c, e, seats[e, c], f"kept t={{t}} j={{j}} e={{e}} seat={c}",

@@ -261,7 +261,8 @@ def test_capacity_seats_on_chapter_06s_example(policy, dropped):
     the two lightest of expert 0's six: token 0's first (0.55, a = 0) and token 2's second (0.4)."""
     seats, lost = viz.capacity_seats(SLOT_EXPERTS, 3, 4, policy, SLOT_WEIGHTS)
     assert lost == [dropped, [], []]
-    assert seats[2].tolist() == ([3, 9, -1, -1] if policy == "position" else [9, 3, -1, -1])  # t4 (0.35) before t1 (0.1)
+    # expert 2: position seats token 1's second choice (a = 3) first, score token 4's (0.35 > 0.1)
+    assert seats[2].tolist() == ([3, 9, -1, -1] if policy == "position" else [9, 3, -1, -1])
     expected_seats, _ = seats_by_loop(SLOT_EXPERTS, 3, 4, policy, SLOT_WEIGHTS)
     np.testing.assert_array_equal(seats, expected_seats)
 
