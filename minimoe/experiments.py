@@ -122,6 +122,8 @@ class Evaluation:
     kept_weight        mean combine weight of the assignments that were kept
     cluster_expert     [K, E] int, kept assignments per (cluster, expert)
     logit_rms, logit_max, logsumexp   router logit statistics, as in `TrainingTrace`
+    cluster_accuracy   [K] accuracy on the tokens of each cluster (NaN for a cluster absent
+                       from the batch)
     """
 
     loss: float
@@ -138,6 +140,7 @@ class Evaluation:
     logit_rms: float
     logit_max: float
     logsumexp: float
+    cluster_accuracy: np.ndarray
 
 
 @torch.no_grad()
@@ -153,13 +156,16 @@ def evaluate_classifier(model: MoEClassifier, task: ClusterTask, num_tokens: int
     clusters = batch["clusters"][:, None].expand_as(kept)[kept]
     cluster_expert = torch.bincount(clusters * moe.num_experts + routing.expert_idx[kept],
                                     minlength=task.num_clusters * moe.num_experts)
+    correct = (logits.argmax(-1) == batch["labels"]).double()
+    per_cluster = torch.bincount(batch["clusters"], minlength=task.num_clusters).double()
+    cluster_accuracy = torch.bincount(batch["clusters"], correct, minlength=task.num_clusters) / per_cluster
     return Evaluation(float(F.cross_entropy(logits, batch["labels"])),
                       float((logits.argmax(-1) == batch["labels"]).float().mean()),
                       stats.load.numpy().copy(), stats.load_entropy, stats.dead_experts, stats.max_violation,
                       stats.cv, stats.dropped_fraction,
                       kept.sum(-1).numpy(), float(routing.weights[kept].mean()),
                       cluster_expert.view(-1, moe.num_experts).numpy(), stats.logit_rms, stats.logit_max,
-                      _mean_logsumexp(moe))
+                      _mean_logsumexp(moe), cluster_accuracy.numpy())
 
 
 @contextlib.contextmanager
@@ -261,6 +267,8 @@ class CapacitySweep:
     kept_weight        [R, P, F] mean combine weight of the kept assignments
     tokens_dropped     [R, P, F] share of tokens that lost all their experts
     dropless_loss, dropless_accuracy  [R] the same model without capacity
+    dropless_cluster_accuracy  [R, K] its accuracy on each cluster's tokens
+    cluster_probs      [R, K] each distribution's cluster mix (rows sum to 1)
     load               [R, E] dropless assignments per expert
     """
 
@@ -272,6 +280,8 @@ class CapacitySweep:
     tokens_dropped: np.ndarray
     dropless_loss: np.ndarray
     dropless_accuracy: np.ndarray
+    dropless_cluster_accuracy: np.ndarray
+    cluster_probs: np.ndarray
     load: np.ndarray
 
 
@@ -304,6 +314,7 @@ def capacity_sweep(capacity_factors=(0.5, 0.75, 1.0, 1.25, 1.5, 2.0), steps: int
                 for factor in factors:
                     model.moe.capacity_factor = float(factor)
                     runs.append(evaluate_classifier(model, task, cluster_probs=cluster_probs[distribution]))
+    mixes = [np.ones(task.num_clusters) if cluster_probs[r] is None else cluster_probs[r] for r in DISTRIBUTIONS]
     shape = (len(DISTRIBUTIONS), len(DROP_POLICIES), len(factors))
     table = {name: np.array([getattr(run, name) for run in runs]).reshape(shape)
              for name in ("dropped_fraction", "loss", "accuracy", "kept_weight")}
@@ -311,6 +322,8 @@ def capacity_sweep(capacity_factors=(0.5, 0.75, 1.0, 1.25, 1.5, 2.0), steps: int
     return CapacitySweep(factors, tokens_dropped=tokens_dropped, **table,
                          dropless_loss=np.array([run.loss for run in dropless]),
                          dropless_accuracy=np.array([run.accuracy for run in dropless]),
+                         dropless_cluster_accuracy=np.stack([run.cluster_accuracy for run in dropless]),
+                         cluster_probs=np.stack([mix / mix.sum() for mix in mixes]),
                          load=np.stack([run.load for run in dropless]))
 
 
