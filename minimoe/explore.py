@@ -163,10 +163,11 @@ def balancing_run(aux_loss_coef: float, noise_std: float = 0.0, steps: int = 300
 def balancing_figure(result: CollapseResult, aux_loss_coef: float, noise_std: float) -> Figure:
     """`viz.load_over_training` of a `balancing_run`, with its held-out results in the title."""
     final = result.final
+    entropy = round(final.load_entropy, 3) + 0.0  # a collapsed load's entropy may round to -0.000
     return viz.load_over_training(
         result.trace.load, result.trace.load_entropy,
         title=f"alpha = {aux_loss_coef:g}, noise std {noise_std:g}: held-out load entropy "
-              f"{final.load_entropy:.3f}, {final.dead_experts} dead experts, accuracy {final.accuracy:.3f}")
+              f"{entropy:.3f}, {final.dead_experts} dead experts, accuracy {final.accuracy:.3f}")
 
 
 def balancing_explorer(aux_loss_coef: float = 0.1, noise_std: float = 0.0, steps: int = 300,
