@@ -225,7 +225,7 @@ def capacity_figure(expert_idx: torch.Tensor, weights: torch.Tensor, num_experts
     summary = capacity_summary(expert_idx, weights, num_experts, capacity_factor, policy)
     title = (f"capacity factor {capacity_factor:g}: C = {summary.capacity} slots per expert, "
              f"\n{100 * summary.dropped_fraction:.0f}% of the assignments dropped, "
-             f"{summary.tokens_without_expert} tokens with no expert")
+             f"{summary.tokens_without_expert} token{'' if summary.tokens_without_expert == 1 else 's'} with no expert")
     return viz.capacity_slot_grid(expert_idx, num_experts, summary.capacity, weights, policies=(policy,),
                                   tokens=tokens, title=title)
 
