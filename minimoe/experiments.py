@@ -210,8 +210,8 @@ def collapse_experiment(balancing: str = "none", steps: int = 300, seed: int = 0
                         batch_size: int = 256, k: int = 1, score: str = "softmax",
                         normalize: bool = False, routed_scaling_factor: float = 1.0,
                         noise_std: float = 0.0) -> CollapseResult:
-    """Train a top-1 MoE (E=8, Switch-style: weight = the chosen softmax probability) on
-    `make_task()` with one balancing method (seed sets the initialisation and the batches).
+    """Train an MoE (E=8; by default top-1, Switch-style: weight = the chosen softmax probability)
+    on `make_task()` with one balancing method (seed sets the initialisation and the batches).
     k, score, normalize, routed_scaling_factor and noise_std (training-mode logit noise) go to
     the `TopKRouter`; DeepSeek-V3's setting is k=2, score="sigmoid", normalize=True (the chosen
     scores renormalised). Balancing:
