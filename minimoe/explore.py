@@ -118,7 +118,7 @@ def routing_figure(routing: Routing, name: str, k: int, tokens=None) -> Figure:
     load = metrics.expert_load(routing.expert_idx, num_experts, routing.mask).tolist()
     what = f"c = {k}" if name == "expert_choice" else f"k = {k}"
     return viz.routing_heatmap(routing, num_experts, tokens=tokens,
-                               title=f"{name}, {what}; tokens per expert {load}\n")
+                               title=f"{name}, {what}: tokens per expert\n{load}\n")
 
 
 def routing_explorer(x: torch.Tensor, gate_weight: torch.Tensor, token_ids=None, vocab_size: int | None = None,
