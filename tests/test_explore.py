@@ -184,6 +184,19 @@ def test_capacity_explorer_redraws_when_the_slider_or_the_policy_moves():
     assert "C = 8" in ui.figure.get_suptitle()
 
 
+@pytest.mark.parametrize(("call", "error", "argument"), [
+    (lambda: explore.capacity_summary(SLOT_EXPERTS, SLOT_WEIGHTS, 3, 0.0), ValueError, "capacity_factor"),
+    (lambda: explore.capacity_summary(SLOT_EXPERTS, SLOT_WEIGHTS, 3, 1.0, "random"), ValueError, "policy"),
+    (lambda: explore.capacity_summary(SLOT_EXPERTS, SLOT_WEIGHTS, 2, 1.0), ValueError, "expert_idx"),
+    (lambda: explore.capacity_summary(SLOT_EXPERTS[:, 0], SLOT_WEIGHTS, 3, 1.0), ValueError, "expert_idx"),
+    (lambda: explore.balancing_run(-0.1, steps=1), ValueError, "aux_loss_coef"),
+    (lambda: explore.balancing_run(0.1, noise_std=-1.0, steps=1), ValueError, "noise_std"),
+])
+def test_bad_inputs_raise_naming_the_argument(call, error, argument):
+    with pytest.raises(error, match=rf"\b{argument}\b"):
+        call()
+
+
 # ---------------------------------------------------------------------------------------------
 # the Explorer itself
 # ---------------------------------------------------------------------------------------------
