@@ -213,8 +213,9 @@ def collapse_experiment(balancing: str = "none", steps: int = 300, seed: int = 0
     """Train an MoE (E=8; by default top-1, Switch-style: weight = the chosen softmax probability)
     on `make_task()` with one balancing method (seed sets the initialisation and the batches).
     k, score, normalize, routed_scaling_factor and noise_std (training-mode logit noise) go to
-    the `TopKRouter`; DeepSeek-V3's setting is k=2, score="sigmoid", normalize=True (the chosen
-    scores renormalised). Balancing:
+    the `TopKRouter`; DeepSeek-V3's setting, scaled down from 8 of 256 experts, is k=2,
+    score="sigmoid", normalize=True (the chosen scores renormalised), routed_scaling_factor=2.5.
+    Balancing:
       "none"           cross-entropy only;
       "aux_loss"       + aux_loss_coef * Switch load-balancing loss;
       "aux_free_bias"  DeepSeek-V3 bias (rate bias_update_rate), updated once per step;
