@@ -122,6 +122,8 @@ class Evaluation:
     kept_weight        mean combine weight of the assignments that were kept
     cluster_expert     [K, E] int, kept assignments per (cluster, expert)
     logit_rms, logit_max, logsumexp   router logit statistics, as in `TrainingTrace`
+    cluster_accuracy   [K] accuracy on the tokens of each cluster (NaN for a cluster absent
+                       from the batch)
     """
 
     loss: float
@@ -138,6 +140,7 @@ class Evaluation:
     logit_rms: float
     logit_max: float
     logsumexp: float
+    cluster_accuracy: np.ndarray
 
 
 @torch.no_grad()
@@ -153,13 +156,16 @@ def evaluate_classifier(model: MoEClassifier, task: ClusterTask, num_tokens: int
     clusters = batch["clusters"][:, None].expand_as(kept)[kept]
     cluster_expert = torch.bincount(clusters * moe.num_experts + routing.expert_idx[kept],
                                     minlength=task.num_clusters * moe.num_experts)
+    correct = (logits.argmax(-1) == batch["labels"]).double()
+    per_cluster = torch.bincount(batch["clusters"], minlength=task.num_clusters).double()
+    cluster_accuracy = torch.bincount(batch["clusters"], correct, minlength=task.num_clusters) / per_cluster
     return Evaluation(float(F.cross_entropy(logits, batch["labels"])),
                       float((logits.argmax(-1) == batch["labels"]).float().mean()),
                       stats.load.numpy().copy(), stats.load_entropy, stats.dead_experts, stats.max_violation,
                       stats.cv, stats.dropped_fraction,
                       kept.sum(-1).numpy(), float(routing.weights[kept].mean()),
                       cluster_expert.view(-1, moe.num_experts).numpy(), stats.logit_rms, stats.logit_max,
-                      _mean_logsumexp(moe))
+                      _mean_logsumexp(moe), cluster_accuracy.numpy())
 
 
 @contextlib.contextmanager
@@ -201,9 +207,15 @@ class CollapseResult:
 def collapse_experiment(balancing: str = "none", steps: int = 300, seed: int = 0, *,
                         aux_loss_coef: float = 0.1, z_loss_coef: float = 1e-3,
                         bias_update_rate: float = 0.01, lr: float = 1e-2,
-                        batch_size: int = 256) -> CollapseResult:
-    """Train a top-1 MoE (E=8, Switch-style: weight = the chosen softmax probability) on
-    `make_task()` with one balancing method (seed sets the initialisation and the batches):
+                        batch_size: int = 256, k: int = 1, score: str = "softmax",
+                        normalize: bool = False, routed_scaling_factor: float = 1.0,
+                        noise_std: float = 0.0) -> CollapseResult:
+    """Train an MoE (E=8; by default top-1, Switch-style: weight = the chosen softmax probability)
+    on `make_task()` with one balancing method (seed sets the initialisation and the batches).
+    k, score, normalize, routed_scaling_factor and noise_std (training-mode logit noise) go to
+    the `TopKRouter`; DeepSeek-V3's setting, scaled down from 8 of 256 experts, is k=2,
+    score="sigmoid", normalize=True (the chosen scores renormalised), routed_scaling_factor=2.5.
+    Balancing:
       "none"           cross-entropy only;
       "aux_loss"       + aux_loss_coef * Switch load-balancing loss;
       "aux_free_bias"  DeepSeek-V3 bias (rate bias_update_rate), updated once per step;
@@ -227,7 +239,8 @@ def collapse_experiment(balancing: str = "none", steps: int = 300, seed: int = 0
     task = make_task()
     with _seeded(seed):
         rate = bias_update_rate if balancing == "aux_free_bias" else 0.0
-        router = TopKRouter(task.d_model, NUM_EXPERTS, k=1, normalize=False, bias_update_rate=rate)
+        router = TopKRouter(task.d_model, NUM_EXPERTS, k=k, score=score, normalize=normalize,
+                            bias_update_rate=rate, routed_scaling_factor=routed_scaling_factor, noise_std=noise_std)
         model = _model(task, router)
         trace = train_classifier(model, task, steps, batch_size=batch_size, lr=lr, seed=seed,
                                  aux_loss_coef=aux_loss_coef if balancing == "aux_loss" else 0.0,
@@ -255,6 +268,8 @@ class CapacitySweep:
     kept_weight        [R, P, F] mean combine weight of the kept assignments
     tokens_dropped     [R, P, F] share of tokens that lost all their experts
     dropless_loss, dropless_accuracy  [R] the same model without capacity
+    dropless_cluster_accuracy  [R, K] its accuracy on each cluster's tokens
+    cluster_probs      [R, K] each distribution's cluster mix (rows sum to 1)
     load               [R, E] dropless assignments per expert
     """
 
@@ -266,6 +281,8 @@ class CapacitySweep:
     tokens_dropped: np.ndarray
     dropless_loss: np.ndarray
     dropless_accuracy: np.ndarray
+    dropless_cluster_accuracy: np.ndarray
+    cluster_probs: np.ndarray
     load: np.ndarray
 
 
@@ -298,6 +315,7 @@ def capacity_sweep(capacity_factors=(0.5, 0.75, 1.0, 1.25, 1.5, 2.0), steps: int
                 for factor in factors:
                     model.moe.capacity_factor = float(factor)
                     runs.append(evaluate_classifier(model, task, cluster_probs=cluster_probs[distribution]))
+    mixes = [np.ones(task.num_clusters) if cluster_probs[r] is None else cluster_probs[r] for r in DISTRIBUTIONS]
     shape = (len(DISTRIBUTIONS), len(DROP_POLICIES), len(factors))
     table = {name: np.array([getattr(run, name) for run in runs]).reshape(shape)
              for name in ("dropped_fraction", "loss", "accuracy", "kept_weight")}
@@ -305,6 +323,8 @@ def capacity_sweep(capacity_factors=(0.5, 0.75, 1.0, 1.25, 1.5, 2.0), steps: int
     return CapacitySweep(factors, tokens_dropped=tokens_dropped, **table,
                          dropless_loss=np.array([run.loss for run in dropless]),
                          dropless_accuracy=np.array([run.accuracy for run in dropless]),
+                         dropless_cluster_accuracy=np.stack([run.cluster_accuracy for run in dropless]),
+                         cluster_probs=np.stack([mix / mix.sum() for mix in mixes]),
                          load=np.stack([run.load for run in dropless]))
 
 

@@ -1,4 +1,5 @@
-"""Plots of routing: who goes where, how the load moves during training, what capacity drops,
+"""Plots of routing: who goes where, how the load moves during training, what capacity drops
+(and which slot each assignment takes),
 what experts specialise on, how confident the router is.
 
 Every function returns a `matplotlib.figure.Figure` built without pyplot: nothing is shown or
@@ -13,8 +14,10 @@ import numpy as np
 import seaborn as sns
 import torch
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
 
 from minimoe import _checks, metrics
+from minimoe.dispatch import DROP_POLICIES, make_plan
 from minimoe.routing import Routing
 
 HEATMAP_CMAP = "mako"
@@ -204,5 +207,97 @@ def router_probability_histogram(probs, bins: int = 40,
         ax.axvline(1 / E, color="black", linestyle="--", linewidth=1, label=f"uniform 1/E = {1 / E:.3g}")
         ax.set(title=what, xlabel="router probability", ylabel=ylabel, xlim=(0, 1))
         ax.legend(fontsize="small")
+    fig.suptitle(title)
+    return fig
+
+
+def capacity_seats(expert_idx, num_experts: int, capacity: int, policy: str = "position",
+                   weights=None) -> tuple[np.ndarray, list[list[int]]]:
+    """Which assignment sits in which slot when each expert has `capacity` slots: what
+    `capacity_slot_grid` draws. Assignments are numbered a = t * k + j (token t, choice j).
+
+    expert_idx [T, k] (best first); weights [T, k], needed for policy="score".
+    Returns seats [E, C] int (the assignment in each slot, filled in priority order, -1 where
+    empty) and dropped: for each expert, the assignments it had no slot for, in priority order.
+    Which assignments are kept is `minimoe.dispatch.make_plan`'s decision.
+    """
+    expert_idx = _checks.tensor("expert_idx", expert_idx, ndim=2)
+    capacity = _checks.positive_int("capacity", capacity)
+    weights = None if weights is None else _checks.tensor("weights", weights, ndim=2)
+    plan = make_plan(expert_idx, num_experts, capacity, policy=policy, weights=weights)
+    T, k = expert_idx.shape
+    slot_major = np.arange(T * k).reshape(T, k).T.ravel()  # every first choice, then every second ...
+    if policy == "score":
+        by_weight = np.argsort(-weights.detach().double().cpu().numpy().T.ravel(), kind="stable")
+        slot_major = slot_major[by_weight]
+    flat_expert, kept = expert_idx.reshape(-1).cpu().numpy(), plan.kept.reshape(-1).cpu().numpy()
+    seats = np.full((num_experts, capacity), -1, dtype=np.int64)
+    filled = np.zeros(num_experts, dtype=np.int64)
+    dropped = [[] for _ in range(num_experts)]
+    for a in slot_major:
+        e = flat_expert[a]
+        if kept[a]:
+            seats[e, filled[e]] = a
+            filled[e] += 1
+        else:
+            dropped[e].append(int(a))
+    return seats, dropped
+
+
+def capacity_slot_grid(expert_idx, num_experts: int, capacity: int, weights=None,
+                       policies=DROP_POLICIES, tokens=None,
+                       title: str = "Expert slots: who gets a seat, who is dropped") -> Figure:
+    """The E x C slot grid, one panel per drop policy: row e holds expert e's C slots, each
+    filled slot shows its token (and weight) coloured by the choice (1st, 2nd, ...) it is, and
+    the assignments that found the expert full sit right of the capacity line, hatched.
+
+    expert_idx [T, k] best first; weights [T, k] (needed for "score"; written in the cells);
+    capacity: slots per expert; policies: drop policies, one panel each; tokens: T labels.
+    Each rectangle's gid reads "kept t=.. j=.. e=.. seat=.." or "dropped t=.. j=.. e=..".
+    """
+    if isinstance(policies, str) or not policies:
+        raise ValueError(f"policies must be a non-empty sequence of names from {DROP_POLICIES}, got {policies!r}")
+    policies = [_checks.choice("policies", policy, DROP_POLICIES) for policy in policies]
+    expert_idx = _checks.tensor("expert_idx", expert_idx, ndim=2)
+    T, k = expert_idx.shape
+    tokens = _labels("tokens", tokens, T, "token") or [f"t{t}" for t in range(T)]
+    layouts = [capacity_seats(expert_idx, num_experts, capacity, policy, weights) for policy in policies]
+    overflow = max(len(d) for _, dropped in layouts for d in dropped)
+    width = capacity + (overflow + 0.3 if overflow else 0)
+    palette = sns.color_palette("colorblind", 10)
+    drop_color, colors = palette[3], [c for i, c in enumerate(palette) if i != 3] * k  # 3: vermillion
+    fig = Figure(figsize=(max(7.0, 1.5 + 0.75 * width * len(policies)), 1.6 + 0.5 * num_experts),
+                 layout="constrained")
+    axes = fig.subplots(1, len(policies), squeeze=False)[0]
+
+    def cell(ax, x, e, a, gid, **style):
+        t, j = divmod(int(a), k)
+        ax.add_patch(Rectangle((x, e), 1, 1, gid=gid.format(t=t, j=j, e=e), linewidth=1.5, **style))
+        text = tokens[t] if weights is None else f"{tokens[t]}\n{float(weights[t, j]):.2f}"
+        ax.text(x + 0.5, e + 0.5, text, ha="center", va="center", fontsize="small")
+
+    for ax, policy, (seats, dropped) in zip(axes, policies, layouts, strict=True):
+        for e in range(num_experts):
+            for c in range(capacity):
+                if seats[e, c] < 0:
+                    ax.add_patch(Rectangle((c, e), 1, 1, facecolor="white", edgecolor="0.8",
+                                           gid=f"empty e={e} seat={c}"))
+                else:
+                    j = seats[e, c] % k
+                    cell(ax, c, e, seats[e, c], f"kept t={{t}} j={{j}} e={{e}} seat={c}",
+                         facecolor=(*colors[j], 0.55), edgecolor="white")
+            for i, a in enumerate(dropped[e]):
+                cell(ax, capacity + 0.3 + i, e, a, "dropped t={t} j={j} e={e}", facecolor="white",
+                     edgecolor=drop_color, hatch="//")
+        ax.axvline(capacity, color="black", linewidth=2)
+        n_dropped = sum(len(d) for d in dropped)
+        ax.set(xlim=(0, width), ylim=(num_experts, 0), title=f"{policy} priority: {n_dropped} dropped",
+               xlabel=f"slot in the expert's buffer (C = {capacity}; right of the line: dropped)", ylabel="expert",
+               xticks=np.arange(capacity) + 0.5, xticklabels=range(capacity),
+               yticks=np.arange(num_experts) + 0.5, yticklabels=range(num_experts))
+        ax.grid(False)
+    handles = [Patch(facecolor=(*colors[j], 0.55), label=f"choice {j + 1} of the token") for j in range(k)]
+    handles.append(Patch(facecolor="white", edgecolor=drop_color, hatch="//", label="dropped (no slot)"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=k + 1, fontsize="small")
     fig.suptitle(title)
     return fig

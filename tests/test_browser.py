@@ -1,5 +1,6 @@
 """The course in a real JupyterLab, driven by headless Chromium: chapter 01 runs top to bottom
-without an error and draws its figures, and an exercise's first stub stops a run with its error.
+without an error and draws its figures, an exercise's first stub stops a run with its error, and
+chapter 06's capacity explorer (ipywidgets) redraws its figure when its slider moves.
 The notebooks are copies in a temporary folder (JupyterLab autosaves); the screenshots are kept
 in .test-artifacts/.
 
@@ -42,7 +43,7 @@ def free_port() -> int:
 def jupyter(tmp_path_factory):
     """A JupyterLab server on 127.0.0.1 serving copies of the notebooks; yields its base URL and token."""
     root = tmp_path_factory.mktemp("lab")
-    for name in ("course/01_numpy_gate.ipynb", "exercises/01_numpy_gate.ipynb"):
+    for name in ("course/01_numpy_gate.ipynb", "exercises/01_numpy_gate.ipynb", "course/06_capacity.ipynb"):
         target = root / name
         target.parent.mkdir(exist_ok=True)
         shutil.copy(ROOT / name, target)
@@ -142,4 +143,43 @@ def test_an_exercise_run_all_stops_at_its_first_stub_and_the_error_is_seen(brows
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "exercise01_run_all.png"))
     assert page.evaluate(f"({NOTEBOOK_STATE})()")["errors"] == ["CheckFailure: task 1.1: not implemented yet"]
+    page.close()
+
+
+EXPLORER = f"{VISIBLE_NOTEBOOK} .jp-OutputArea-output .widget-vbox"  # minimoe.explore.Explorer's box
+EXPLORER_IMAGE = f"{EXPLORER} .widget-output img"
+
+
+def explorer_image(page) -> str:
+    """The src (a data: URL of the PNG) of the explorer's figure, once it has loaded."""
+    image = page.wait_for_selector(EXPLORER_IMAGE, state="attached", timeout=60_000)
+    page.wait_for_function("img => img.complete && img.naturalWidth > 100", arg=image, timeout=60_000)
+    return image.get_attribute("src")
+
+
+def test_chapter_06s_capacity_explorer_redraws_its_figure_when_the_slider_moves(browser, jupyter):
+    page = open_notebook(browser, jupyter, "course/06_capacity.ipynb")
+    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    wait_until(page, "state.unexecuted === 0 && state.kernel === 'idle'")
+    assert page.evaluate(f"({NOTEBOOK_STATE})()")["errors"] == []
+    explorer = page.locator(EXPLORER).first
+    explorer.scroll_into_view_if_needed()
+    before = explorer_image(page)
+    readout = explorer.locator(".widget-readout").first
+    assert readout.inner_text().strip() == "1.0"  # the explorer starts at capacity factor 1
+    # one step of the slider to the left with the keyboard, as a reader would (the handle takes focus)
+    handle = explorer.locator(".noUi-handle").first
+    handle.focus()
+    handle.press("ArrowLeft")
+    page.wait_for_function("text => document.querySelector(text) && "
+                           "document.querySelector(text).innerText.trim() === '0.75'",
+                           arg=f"{EXPLORER} .widget-readout", timeout=30_000)
+    wait_until(page, "state.kernel === 'idle'", timeout_ms=60_000)
+    page.wait_for_function("([selector, old]) => { const img = document.querySelector(selector); "
+                           "return img && img.complete && img.naturalWidth > 100 && img.src !== old; }",
+                           arg=[EXPLORER_IMAGE, before], timeout=60_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    explorer.screenshot(path=str(ARTIFACTS / "chapter06_explorer_after_slider.png"))
+    assert explorer_image(page) != before
+    assert page.evaluate(f"({NOTEBOOK_STATE})()")["errors"] == []
     page.close()

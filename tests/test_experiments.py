@@ -16,8 +16,11 @@ from minimoe.experiments import (
     capacity_sweep,
     collapse_experiment,
     compare_routers,
+    evaluate_classifier,
     make_task,
+    train_classifier,
 )
+from minimoe.layer import MoELayer
 from minimoe.routing import HashRouter
 
 EVAL_TOKENS, BATCH = 4096, 256
@@ -82,6 +85,15 @@ def test_collapse_is_reproducible():
     np.testing.assert_array_equal(a.trace.loss, b.trace.loss)
 
 
+def test_collapse_experiment_in_deepseek_v3s_setting_routes_two_renormalised_sigmoid_scores():
+    result = collapse_experiment("aux_free_bias", steps=5, k=2, score="sigmoid", normalize=True,
+                                 routed_scaling_factor=2.5)
+    assert (result.trace.load.sum(1) == 2 * BATCH).all()  # two assignments per token
+    assert result.final.kept_weight == pytest.approx(2.5 / 2)  # the two weights sum to 2.5
+    plain = collapse_experiment("aux_free_bias", steps=5)
+    assert (plain.trace.load.sum(1) == BATCH).all() and plain.final.kept_weight < 1
+
+
 # ---- 2. capacity ------------------------------------------------------------------------------
 
 def test_dropped_fraction_falls_to_zero(sweep):
@@ -111,6 +123,32 @@ def test_dropping_costs_quality(sweep):
     balanced_no_drop = sweep.dropped_fraction[0, 0] == 0
     np.testing.assert_allclose(sweep.loss[0, :, balanced_no_drop], sweep.dropless_loss[0], rtol=1e-6)
     assert (sweep.load.sum(1) == 2 * EVAL_TOKENS).all()
+
+
+def test_per_cluster_accuracy_is_counted_token_by_token(sweep):
+    """cluster_accuracy against a loop over the held-out tokens of a trained model; the sweep's
+    dropless accuracy is its cluster accuracies weighted by the batch's cluster counts."""
+    task = make_task()
+    torch.manual_seed(0)
+    model = MoEClassifier(MoELayer(task.d_model, 32, NUM_EXPERTS), task.num_classes)
+    train_classifier(model, task, steps=20)
+    skewed = 0.6 ** np.arange(task.num_clusters)
+    final = evaluate_classifier(model, task, num_tokens=512, cluster_probs=skewed)
+    batch = task.sample(512, seed=EVAL_SEED, cluster_probs=skewed)
+    with torch.no_grad():
+        predicted = model.eval()(batch["x"]).argmax(-1).tolist()
+    right, seen = np.zeros(task.num_clusters), np.zeros(task.num_clusters)
+    for p, label, c in zip(predicted, batch["labels"].tolist(), batch["clusters"].tolist(), strict=True):
+        seen[c] += 1
+        right[c] += p == label
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_allclose(final.cluster_accuracy, right / seen, equal_nan=True)
+    np.testing.assert_allclose(sweep.cluster_probs.sum(1), 1)
+    np.testing.assert_allclose(sweep.cluster_probs[0], 1 / task.num_clusters)
+    np.testing.assert_allclose(sweep.cluster_probs[1], skewed / skewed.sum())
+    counts = np.bincount(task.sample(EVAL_TOKENS, seed=EVAL_SEED)["clusters"].numpy(), minlength=task.num_clusters)
+    assert (sweep.dropless_cluster_accuracy[0] * counts).sum() / EVAL_TOKENS == pytest.approx(
+        sweep.dropless_accuracy[0], abs=1e-6)
 
 
 # ---- 3. router zoo ----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from matplotlib.collections import QuadMesh
 from matplotlib.figure import Figure
 
 from minimoe import viz
+from minimoe.dispatch import make_plan
 from minimoe.metrics import load_entropy, mutual_information, specialization
 from minimoe.routing import ExpertChoiceRouter, Routing, TopKRouter
 
@@ -72,6 +73,7 @@ def test_plots_leave_no_pyplot_figure_open():
     viz.dropped_vs_capacity([1.0], {"a": [0.1]})
     viz.specialization_heatmap(np.ones((2, E)))
     viz.router_probability_histogram(np.full((T, E), 1 / E))
+    viz.capacity_slot_grid(SLOT_EXPERTS, 3, 4, SLOT_WEIGHTS)
     assert plt.get_fignums() == []
 
 
@@ -232,6 +234,95 @@ def test_router_probability_histogram_counts_every_probability_and_every_top1():
 
 
 # ---------------------------------------------------------------------------------------------
+# capacity_seats and capacity_slot_grid
+# ---------------------------------------------------------------------------------------------
+
+# chapter 06's example: 6 tokens, 3 experts, top-2, C = 4; expert 0 is everyone's favourite
+SLOT_EXPERTS = torch.tensor([[0, 1], [0, 2], [1, 0], [0, 1], [0, 2], [0, 1]])
+SLOT_WEIGHTS = torch.tensor([[0.55, 0.45], [0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.65, 0.35], [0.8, 0.2]])
+
+
+def seats_by_loop(expert_idx, num_experts, capacity, policy, weights):
+    """Reference: list every (t, j) in priority order, seat each in its expert while it has room."""
+    T, k = expert_idx.shape
+    order = [(t, j) for j in range(k) for t in range(T)]  # slot-major: all first choices first
+    if policy == "score":
+        order = sorted(order, key=lambda tj: -float(weights[tj]))  # stable: ties keep slot-major order
+    seats, dropped = [[] for _ in range(num_experts)], [[] for _ in range(num_experts)]
+    for t, j in order:
+        e = int(expert_idx[t, j])
+        (seats[e] if len(seats[e]) < capacity else dropped[e]).append(t * k + j)
+    return [row + [-1] * (capacity - len(row)) for row in seats], dropped
+
+
+@pytest.mark.parametrize(("policy", "dropped"), [("position", [10, 5]), ("score", [0, 5])])
+def test_capacity_seats_on_chapter_06s_example(policy, dropped):
+    """position drops token 5's first choice (a = 10) and token 2's second (a = 5); score drops
+    the two lightest of expert 0's six: token 0's first (0.55, a = 0) and token 2's second (0.4)."""
+    seats, lost = viz.capacity_seats(SLOT_EXPERTS, 3, 4, policy, SLOT_WEIGHTS)
+    assert lost == [dropped, [], []]
+    # expert 2: position seats token 1's second choice (a = 3) first, score token 4's (0.35 > 0.1)
+    assert seats[2].tolist() == ([3, 9, -1, -1] if policy == "position" else [9, 3, -1, -1])
+    expected_seats, _ = seats_by_loop(SLOT_EXPERTS, 3, 4, policy, SLOT_WEIGHTS)
+    np.testing.assert_array_equal(seats, expected_seats)
+
+
+@pytest.mark.parametrize("policy", ["position", "score"])
+@pytest.mark.parametrize("seed", range(5))
+def test_capacity_seats_matches_a_loop_and_make_plan(policy, seed):
+    g = torch.Generator().manual_seed(seed)
+    T, k, num_experts = 20, 2, 5
+    expert_idx = torch.rand(T, num_experts, generator=g).argsort(1)[:, :k]
+    weights = torch.rand(T, k, generator=g).sort(1, descending=True).values
+    capacity = 1 + seed
+    seats, dropped = viz.capacity_seats(expert_idx, num_experts, capacity, policy, weights)
+    expected_seats, expected_dropped = seats_by_loop(expert_idx, num_experts, capacity, policy, weights)
+    np.testing.assert_array_equal(seats, expected_seats)
+    assert dropped == expected_dropped
+    kept = make_plan(expert_idx, num_experts, capacity, policy=policy, weights=weights).kept.reshape(-1)
+    assert sorted(seats[seats >= 0].tolist()) == kept.nonzero().squeeze(1).tolist()
+
+
+def slot_rectangles(ax) -> dict:
+    """{gid: (x, y)} of the grid's rectangles."""
+    return {p.get_gid(): p.get_xy() for p in ax.patches if p.get_gid()}
+
+
+def test_capacity_slot_grid_draws_every_seat_and_every_drop():
+    fig = viz.capacity_slot_grid(SLOT_EXPERTS, 3, 4, SLOT_WEIGHTS)
+    assert len(fig.axes) == 2
+    for ax, policy in zip(fig.axes, ("position", "score"), strict=True):
+        seats, dropped = viz.capacity_seats(SLOT_EXPERTS, 3, 4, policy, SLOT_WEIGHTS)
+        rects = slot_rectangles(ax)
+        expected = {}
+        for e, c in np.ndindex(*seats.shape):
+            t, j = divmod(int(seats[e, c]), 2)
+            expected[f"kept t={t} j={j} e={e} seat={c}" if seats[e, c] >= 0 else f"empty e={e} seat={c}"] = (c, e)
+        for e, row in enumerate(dropped):
+            for i, a in enumerate(row):
+                t, j = divmod(a, 2)
+                expected[f"dropped t={t} j={j} e={e}"] = (4.3 + i, e)
+        assert rects.keys() == expected.keys()
+        for gid, xy in expected.items():
+            np.testing.assert_allclose(rects[gid], xy)
+        assert ax.get_title() == f"{policy} priority: 2 dropped"
+        assert "t5\n0.80" in [text.get_text() for text in ax.texts]
+        (line,) = ax.lines
+        np.testing.assert_array_equal(line.get_xdata(), [4, 4])  # the capacity line
+    assert_labelled(fig)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "choice 1 of the token", "choice 2 of the token", "dropped (no slot)"]
+
+
+def test_capacity_slot_grid_one_policy_without_drops():
+    fig = viz.capacity_slot_grid(SLOT_EXPERTS, 3, 6, policies=("position",), tokens=list("abcdef"))
+    (ax,) = fig.axes
+    assert not any(gid.startswith("dropped") for gid in slot_rectangles(ax))
+    assert "f" in [text.get_text() for text in ax.texts]  # the labels, no weights
+    assert ax.get_xlim() == (0, 6)
+
+
+# ---------------------------------------------------------------------------------------------
 # input validation
 # ---------------------------------------------------------------------------------------------
 
@@ -264,6 +355,15 @@ BAD_INPUTS = {
     "probs_above_one": (lambda: viz.router_probability_histogram(np.full((T, E), 1.5)), ValueError, "probs"),
     "probs_1d": (lambda: viz.router_probability_histogram(np.ones(E) / E), ValueError, "probs"),
     "bins": (lambda: viz.router_probability_histogram(np.ones((T, E)) / E, bins=0), ValueError, "bins"),
+    "slots_policies_str": (lambda: viz.capacity_slot_grid(SLOT_EXPERTS, 3, 4, policies="position"), ValueError,
+                           "policies"),
+    "slots_policy_name": (lambda: viz.capacity_slot_grid(SLOT_EXPERTS, 3, 4, policies=("random",)), ValueError,
+                          "policies"),
+    "slots_capacity": (lambda: viz.capacity_seats(SLOT_EXPERTS, 3, 0), ValueError, "capacity"),
+    "slots_score_weights": (lambda: viz.capacity_seats(SLOT_EXPERTS, 3, 4, "score"), ValueError, "weights"),
+    "slots_1d": (lambda: viz.capacity_seats(SLOT_EXPERTS[:, 0], 3, 4), ValueError, "expert_idx"),
+    "slots_tokens": (lambda: viz.capacity_slot_grid(SLOT_EXPERTS, 3, 4, policies=("position",), tokens=["a"]),
+                     ValueError, "tokens"),
 }
 
 
