@@ -135,14 +135,12 @@ def moe_block_in_transformer(num_experts: int = 6, chosen=(1, 4), weights=(0.7, 
     ffn_in, add2 = _residual_stack(ax, x_moe, 1.5, moe_top)
     ax.add_patch(FancyBboxPatch((3.45, moe_bottom), 6.45, moe_top - moe_bottom, boxstyle="round,pad=0.02",
                                 facecolor="none", edgecolor="0.4", linestyle="--", linewidth=1.2))
-    ax.text(9.85, moe_bottom + 0.12, f"MoE layer: E = {num_experts}, k = {k}", ha="right", va="bottom",
-            fontsize=FONT, color="0.3")
+    ax.text(9.85, moe_bottom + 0.12, f"MoE layer: E = {num_experts}, k = {k}; grey experts are idle (not run "
+            "for this token)", ha="right", va="bottom", fontsize=FONT, color="0.3")
     top_k = ", ".join(f"$f_{e}$" for e in chosen)
     _box(ax, x_moe, 5.45, 1.5, 0.9, f"router\n$p_t$ = softmax($z_t$)\ntop-{k}: {top_k}", face="#e8e0f0",
          gid="router")
     _arrow(ax, (x_moe, ffn_in), (x_moe, 5.0))
-    ax.text(9.85, moe_top - 0.12, "grey: idle experts, not run for this token", ha="right", va="top",
-            fontsize=FONT - 1, color="0.35")
 
     centres = np.linspace(5.55, 9.35, num_experts)
     width = min(0.62, 0.8 * (centres[1] - centres[0]))
@@ -239,7 +237,7 @@ def dispatch_pipeline(expert_idx, weights, num_experts: int) -> Figure:
     token_y = [S - k * t - k / 2 for t in range(T)]
     cols = {"x": 0.45, "route": 1.95, "sort": 3.75, "permute": 5.3, "gemm": 6.85, "y": 9.45}
     headers = {"x": "tokens", "route": "1 route\n$a = t k + j$ → expert", "sort": "2 sort by expert\n(stable)",
-               "permute": "3 permute\nrow $i$ ← token order[$i$] // k", "gemm": "4 grouped GEMM\none block per expert",
+               "permute": "3 permute\ngather the rows", "gemm": "4 grouped GEMM\none block per expert",
                "y": "5 unpermute\n+ combine"}
     for name, text in headers.items():
         ax.text(cols[name], S + 0.85, text, ha="center", va="center", fontsize=FONT, weight="bold")
