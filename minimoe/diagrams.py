@@ -233,6 +233,7 @@ def dispatch_pipeline(expert_idx, weights, num_experts: int) -> Figure:
     ax = fig.add_subplot()
     top = S + 1.6
     _canvas(ax, 10.0, top)
+    ax.set_ylim(-0.7, top)  # room for empty experts after the last block
     row_y = [S - 0.5 - i for i in range(S)]   # row i of a [S] column, top to bottom
     token_y = [S - k * t - k / 2 for t in range(T)]
     cols = {"x": 0.45, "route": 1.95, "sort": 3.75, "permute": 5.3, "gemm": 6.85, "y": 9.45}
@@ -278,8 +279,9 @@ def dispatch_pipeline(expert_idx, weights, num_experts: int) -> Figure:
         start += n
     for boundary, experts in empties.items():
         text = ", ".join(f"$f_{e}$" for e in experts) + ": 0 rows"
-        ax.text(cols["gemm"], S - boundary, text, ha="center", va="center", fontsize=FONT - 1, color="0.3",
-                style="italic", gid="gemm-empty:" + ",".join(map(str, experts)),
+        y = S - boundary if boundary < S else -0.35
+        ax.text(cols["gemm"], y, text, ha="center", va="center", fontsize=FONT - 1, color="0.3", style="italic",
+                gid="gemm-empty:" + ",".join(map(str, experts)),
                 bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "0.5", "linestyle": ":"})
     for i in range(S):
         e = flat_expert[order[i]]
@@ -351,7 +353,8 @@ def topk_renormalisation(logits, k: int) -> Figure:
     for ax in (left, right):
         ax.set_xticks(experts)
         ax.set_xlim(-0.6, E - 0.4)
-        ax.grid(axis="y", alpha=0.3)
+        ax.grid(False, axis="x")
+        ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle(f"Top-{k} selection and renormalisation of one token's router output (E = {E})",
                  fontsize=FONT + 2)
     return fig
