@@ -84,7 +84,8 @@ def rank_states_inputs(rng: np.random.Generator) -> tuple:
     """Task 12.2's argument: W = 2..4 per-rank state dicts of a model with 1 to 3 blocks, MoE or
     dense, E / W = 1..3 local experts; the replicated tensors (router rows for all E experts
     included) are equal on every rank, the expert shards differ."""
-    world, local, d, h = int(rng.integers(2, 5)), int(rng.integers(1, 4)), int(rng.integers(3, 7)), int(rng.integers(2, 6))
+    world, local = int(rng.integers(2, 5)), int(rng.integers(1, 4))
+    d, h = int(rng.integers(3, 7)), int(rng.integers(2, 6))
     num_experts = world * local
     replicated = {"token_embedding.weight": random_floats(rng, 10, d)}
     experts = {}
@@ -135,7 +136,7 @@ def records_inputs(rng: np.random.Generator) -> tuple:
     popularity[0][int(rng.integers(num_experts))] = 0.0
     records = []
     for step in range(steps):
-        for rank in range(ranks):
+        for _rank in range(ranks):
             for layer in range(layers):
                 tokens = int(rng.integers(20, 120))
                 p = popularity[layer] / popularity[layer].sum()
