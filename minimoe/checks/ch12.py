@@ -27,7 +27,7 @@ Inputs are seeded and random: 1 to 4 ranks, experts that no record ever routes t
 routers with a non-zero selection bias, and a capacity factor that would drop tokens.
 """
 
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -56,8 +56,7 @@ def _config_fields(config) -> dict:
     """Every field of an MoETransformerConfig as comparable values (None as the string "None")."""
     if not isinstance(config, MoETransformerConfig):
         raise CheckFailure(f"task 12.1: expected a minimoe.model.MoETransformerConfig, got {type(config).__name__}")
-    return {f.name: "None" if value is None else value for f, value in zip(fields(config), asdict(config).values(),
-                                                                           strict=True)}
+    return {name: "None" if value is None else value for name, value in asdict(config).items()}
 
 
 def check_capstone_config(learner_capstone_config):
