@@ -60,6 +60,12 @@ IMPLEMENTATIONS: dict[str, tuple[str, ...]] = {
     "11.3": ("minimoe.grouped_gemm.tile_schedule",),
     "11.4": ("minimoe.grouped_gemm.expert_weight_grad", "minimoe.grouped_gemm._expert_weight_grad",
              "minimoe.grouped_gemm.gather_matmul", "minimoe.grouped_gemm.grouped_experts"),
+    # the capstone assembles the course's parts (configs, metrics, int8 experts, masks are
+    # allowed); only the checks' own references are off limits
+    "12.1": ("minimoe.checks.ch12._config_reference",),
+    "12.2": ("minimoe.checks.ch12._merged", "minimoe.parallel.full_state_dict"),
+    "12.3": ("minimoe.checks.ch12._summary",),
+    "12.4": ("minimoe.checks.ch12._serving",),
 }
 
 
