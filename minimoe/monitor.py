@@ -38,7 +38,10 @@ parameters, the monitor adds to `grad_records` one dict per MoE layer (fields GR
     expert_grad_norm  [E] list, for expert e: sqrt(||w_gate.grad[e]||^2 + ||w_up.grad[e]||^2 +
                       ||w_down.grad[e]||^2) (a weight without a gradient counts 0)
 It reads the gradients as they stand, so with gradient accumulation each backward records the sum
-so far. `grad_series` reads them back; the dashboard gains a row for them once there are any.
+so far. Under expert parallelism each rank records what it holds when its backward ends, before
+the Trainer averages over the W ranks: the norm over its own parameters, and its E / W experts,
+whose gradients are then the sum over the ranks' losses (W times those of the mean loss).
+`grad_series` reads them back; the dashboard gains a row for them once there are any.
 """
 
 import math
@@ -101,10 +104,11 @@ def _sum_of_squares(grad: torch.Tensor | None) -> float:
 
 
 def expert_grad_norms(layer) -> list[float]:
-    """[E] gradient norm of each expert of an MoELayer: for expert e, the norm of the .grad slices
-    [e] of w_gate, w_up and w_down taken together (a weight without a .grad counts 0)."""
+    """Gradient norm of each expert an MoELayer holds: for expert e, the norm of the .grad slices
+    [e] of w_gate, w_up and w_down taken together (a weight without a .grad counts 0). [E] on one
+    process; under expert parallelism [E / W], this rank's experts (`num_local_experts`)."""
     experts = layer.experts
-    total = torch.zeros(experts.num_experts, dtype=torch.float64)
+    total = torch.zeros(getattr(experts, "num_local_experts", experts.num_experts), dtype=torch.float64)
     for name in ("w_gate", "w_up", "w_down"):
         weight = getattr(experts, name, None)
         grad = None if weight is None else weight.grad
@@ -161,8 +165,8 @@ class RoutingMonitor:
         self._handles.append(model.register_forward_hook(self._end))  # after the layers' hooks
         self.grad_records: list[dict] = []
         self._grads_queued = False  # a gradient record waits for the end of the running backward
-        self._params = [p for p in model.parameters() if p.requires_grad]
-        self._handles += [p.register_post_accumulate_grad_hook(self._queue_gradients) for p in self._params]
+        self._handles += [p.register_post_accumulate_grad_hook(self._queue_gradients)
+                          for p in model.parameters() if p.requires_grad]
 
     # ---- hooks ----
     def _begin(self, model, args):
@@ -192,7 +196,8 @@ class RoutingMonitor:
 
     def _record_gradients(self):
         self._grads_queued = False
-        grad_norm = math.sqrt(sum(_sum_of_squares(p.grad) for p in self._params))
+        # the model's parameters now, not at construction: parallelize() may have swapped the experts
+        grad_norm = math.sqrt(sum(_sum_of_squares(p.grad) for p in self.model.parameters()))
         step = max(self.steps - 1, 0)
         for i, layer in enumerate(self.layers):
             self.grad_records.append(dict(step=step, layer=i, grad_norm=grad_norm,

@@ -12,6 +12,7 @@ from gloo_ranks import run_jobs
 
 from minimoe.data import load_corpus
 from minimoe.model import MoETransformer, MoETransformerConfig
+from minimoe.monitor import RoutingMonitor
 from minimoe.parallel import ExpertParallelExperts, Parallel
 from minimoe.train import TrainConfig, Trainer
 
@@ -26,7 +27,9 @@ RUNS = {"topk": dict(TINY), "sigmoid_bias": dict(TINY, router="sigmoid_bias", bi
 
 def train(name: str, out_dir: str) -> dict:
     torch.manual_seed(0)
-    trainer = Trainer(MoETransformer(MoETransformerConfig(**RUNS[name])), load_corpus(), TRAIN, parallel=Parallel())
+    single = MoETransformer(MoETransformerConfig(**RUNS[name]))
+    monitor = RoutingMonitor(single)  # built before the Trainer makes the model expert-parallel (chapter 12)
+    trainer = Trainer(single, load_corpus(), TRAIN, parallel=Parallel())
     model = trainer.model
     trainer.run(steps=HALF, progress=False)
     trainer.save(Path(out_dir, f"{name}.pt"))
@@ -39,7 +42,8 @@ def train(name: str, out_dir: str) -> dict:
                 all_expert_parallel=all(isinstance(layer.experts, ExpertParallelExperts) for layer in model.moe_layers),
                 biases=[layer.router.expert_bias.tolist() for layer in model.moe_layers
                         if getattr(layer.router, "expert_bias", None) is not None],
-                stats_tokens=[int(s.load.sum()) for s in model.routing_stats()])
+                stats_tokens=[int(s.load.sum()) for s in model.routing_stats()],
+                expert_grad_norms=[r["expert_grad_norm"] for r in monitor.grad_records][:2 * HALF])
 
 
 def run(rank: int, world: int, store: str, out_dir: str) -> None:

@@ -18,6 +18,7 @@ from gloo_ranks import spawn
 from minimoe.data import load_corpus
 from minimoe.experts import Experts
 from minimoe.model import MoETransformer, MoETransformerConfig
+from minimoe.monitor import RoutingMonitor
 from minimoe.parallel import Parallel, parallelize
 from minimoe.train import TrainConfig, Trainer
 from minimoe.train_cli import configs, parse_args
@@ -83,6 +84,26 @@ def test_shard_loads_are_the_per_rank_routing(ranks):
     assert np.allclose(shard_load.mean(1), rank0["history"]["load_share"])  # equal shard sizes: mean = batch share
     # routing_stats() stays per rank: the last shard's 4 rows x 32 positions x k=2 copies per block
     assert rank0["stats_tokens"] == rank1["stats_tokens"] == [4 * 32 * 2] * 2
+
+
+def test_the_monitor_records_each_ranks_expert_gradients(ranks, corpus):
+    """A RoutingMonitor built before the Trainer parallelises the model records, on each rank, the
+    gradient norms of that rank's E / W experts; together they are the one-process model's, times W
+    (recorded as backward ends, before the Trainer averages: an expert then holds the sum over the
+    ranks' losses)."""
+    torch.manual_seed(0)
+    model = MoETransformer(MoETransformerConfig(**TINY))
+    with RoutingMonitor(model) as monitor:
+        Trainer(model, corpus, TRAIN).run(steps=HALF, progress=False)
+    # one process accumulates 2 micro-batches per step (2 records each, one per MoE layer): the
+    # second backward's records hold the whole gradient, which each rank has after its one backward
+    per_step_layer = [r["expert_grad_norm"] for i, r in enumerate(monitor.grad_records) if i % 4 >= 2]
+    assert len(per_step_layer) == 2 * HALF  # HALF steps x 2 MoE layers
+    rank0, rank1 = (result["expert_grad_norms"] for result in _results(ranks, "topk"))
+    assert len(rank0) == len(rank1) == 2 * HALF
+    for expected, mine, theirs in zip(per_step_layer, rank0, rank1, strict=True):
+        assert len(mine) == len(theirs) == 2  # E / W experts per rank
+        assert _close(mine + theirs, WORLD * np.asarray(expected)) <= ATOL
 
 
 def test_model_api_on_ranks(ranks):
