@@ -7,6 +7,7 @@ the capacity, prune, merge and int8-quantise experts, and simulate an expert cac
     with swap_moe_layers(model, [quantize_experts(layer) for layer in moe_layers(model)]):
         loss_int8 = evaluate(model, corpus)
     simulate_cache(trace, cache_size=4, policy="lru").hit_rate
+    freeze(model, "router")                          # then fine-tune the rest
 
 The context managers change a model's MoE layers for the duration of a `with` block and put
 them back afterwards, even on an error; the builders return new layers and leave theirs alone.
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimoe import _checks
-from minimoe.experts import WEIGHTS, Experts, GroupedExperts, activate
+from minimoe.data import Corpus
+from minimoe.experts import WEIGHTS, Experts, FeedForward, GroupedExperts, activate
 from minimoe.layer import MoELayer, moe_layers
 from minimoe.routing import (
     ExpertChoiceRouter,
@@ -33,6 +35,7 @@ from minimoe.routing import (
     TopKRouter,
     check_available_experts,
 )
+from minimoe.train import Trainer, evaluate
 
 # ---- changing a model's MoE layers for a while ----
 
@@ -120,6 +123,52 @@ def record_routing(model: nn.Module, idx: torch.Tensor) -> list[tuple[torch.Tens
         for hook in hooks:
             hook.remove()
     return [(inputs[layer].reshape(-1, layer.d_model), layer.last_routing) for layer in layers]
+
+
+FREEZABLE = ("router", "ffn")
+
+
+def freeze(model: nn.Module, part: str) -> int:
+    """Stop training one part of model (requires_grad = False; an optimiser then skips it, since
+    its gradient stays None) and return how many parameters it has:
+      "router": every MoE layer's router;
+      "ffn": every feed-forward weight: the MoE layers' experts (routed and shared, with any
+          shared gate) and the dense FFNs, i.e. everything in an FFN except the routers."""
+    _checks.choice("part", part, FREEZABLE)
+    chosen = {}
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            router = {id(w) for w in module.router.parameters()}
+            chosen.update({id(w): w for w in module.parameters() if (id(w) in router) == (part == "router")})
+        elif isinstance(module, FeedForward) and part == "ffn":
+            chosen.update({id(w): w for w in module.parameters()})
+    if not chosen:
+        raise ValueError(f"model must have parameters in part={part!r}, got a {type(model).__name__} without any")
+    for w in chosen.values():
+        w.requires_grad_(False)
+    return sum(w.numel() for w in chosen.values())
+
+
+def fine_tune(model: nn.Module, corpus: Corpus, config, part: str | None = None, eval_every: int | None = None,
+              eval_batches: int = 2) -> dict:
+    """Fine-tune model in place on corpus's train split with `minimoe.train.Trainer(config)`,
+    with `freeze(model, part)` first unless part is None, and measure the loss
+    (`minimoe.train.evaluate`, eval_batches fixed batches of 32 windows) on the train and the
+    val split before training and every eval_every steps (default: only at the end).
+    Returns {"step": [...], "train": [...], "val": [...]}, one entry per measurement. The
+    Trainer's own validation runs as config says (config.eval_every = config.steps: once)."""
+    if part is not None:
+        freeze(model, part)
+    eval_every = _checks.positive_int("eval_every", eval_every or config.steps)
+    trainer = Trainer(model, corpus, config)
+    curve = {"step": [], "train": [], "val": []}
+    while True:
+        curve["step"].append(trainer.step)
+        for split in ("train", "val"):
+            curve[split].append(evaluate(model, corpus, eval_batches, split=split))
+        if trainer.step >= config.steps:
+            return curve
+        trainer.run(steps=min(eval_every, config.steps - trainer.step), progress=False)
 
 
 # ---- uncertain tokens ----

@@ -708,3 +708,36 @@ def test_distinct_experts_by_hand_and_against_the_formula():
         assert float(counts.double().mean()) == pytest.approx(inf.expected_distinct_experts(16, 4, B), abs=0.15)
     with pytest.raises(ValueError, match="batch_size must be <= the trace's 3 rows"):
         inf.distinct_experts(trace, 4)
+
+
+# ---- fine-tuning with a part frozen ----
+
+
+@pytest.mark.parametrize("num_experts, part, frozen_names", [
+    (4, "router", ["ffn.router.proj.weight"]),
+    (4, "ffn", ["ffn.experts.w_gate", "ffn.experts.w_up", "ffn.experts.w_down"]),
+    (1, "ffn", ["ffn.w_gate", "ffn.w_up", "ffn.w_down"]),  # the dense twin's FFN
+])
+def test_freeze_stops_exactly_that_part_from_training(num_experts, part, frozen_names):
+    torch.manual_seed(0)
+    config = MoETransformerConfig(vocab_size=12, seq_len=8, d_model=16, n_layers=2, n_heads=2, d_hidden=8,
+                                  num_experts=num_experts, k=min(2, num_experts))
+    model = MoETransformer(config)
+    before = {name: w.detach().clone() for name, w in model.named_parameters()}
+    expected = {f"blocks.{b}.{name}" for b in range(2) for name in frozen_names}
+    assert inf.freeze(model, part) == sum(before[name].numel() for name in expected)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    idx = torch.randint(0, 12, (4, 8))
+    model(idx, idx)[1].backward()
+    optimizer.step()
+    for name, w in model.named_parameters():
+        assert torch.equal(w, before[name]) == (name in expected), name
+
+
+def test_freeze_validation():
+    dense = MoETransformer(MoETransformerConfig(vocab_size=12, seq_len=8, d_model=16, n_layers=1, n_heads=2,
+                                                d_hidden=8, num_experts=1, k=1))
+    with pytest.raises(ValueError, match="part='router'"):
+        inf.freeze(dense, "router")
+    with pytest.raises(ValueError, match="part must be one of"):
+        inf.freeze(dense, "attention")
