@@ -23,7 +23,8 @@ recorded validation loss (`minimoe.train.evaluate`: 8 fixed batches of 32 x 96 v
 characters) is measured on the model as loaded from those float16 weights, cast to float32, so
 the loss that tests/test_checkpoint.py recomputes must match it to round-off. Each file also
 holds the config, the training config, the loss of the float32 weights before rounding, the
-command and the versions and CPU it was made with.
+run's validation curve (`history`, measured by the Trainer on batches of 24 windows, so its last
+value differs from val_loss), the command and the versions and CPU it was made with.
 """
 
 import argparse
