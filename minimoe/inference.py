@@ -7,6 +7,7 @@ the capacity, prune, merge and int8-quantise experts, and simulate an expert cac
     with swap_moe_layers(model, [quantize_experts(layer) for layer in moe_layers(model)]):
         loss_int8 = evaluate(model, corpus)
     simulate_cache(trace, cache_size=4, policy="lru").hit_rate
+    freeze(model, "router")                          # then fine-tune the rest
 
 The context managers change a model's MoE layers for the duration of a `with` block and put
 them back afterwards, even on an error; the builders return new layers and leave theirs alone.
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from minimoe import _checks
-from minimoe.experts import WEIGHTS, Experts, GroupedExperts, activate
+from minimoe.data import Corpus
+from minimoe.experts import WEIGHTS, Experts, FeedForward, GroupedExperts, activate
 from minimoe.layer import MoELayer, moe_layers
 from minimoe.routing import (
     ExpertChoiceRouter,
@@ -33,6 +35,7 @@ from minimoe.routing import (
     TopKRouter,
     check_available_experts,
 )
+from minimoe.train import Trainer, evaluate
 
 # ---- changing a model's MoE layers for a while ----
 
@@ -120,6 +123,52 @@ def record_routing(model: nn.Module, idx: torch.Tensor) -> list[tuple[torch.Tens
         for hook in hooks:
             hook.remove()
     return [(inputs[layer].reshape(-1, layer.d_model), layer.last_routing) for layer in layers]
+
+
+FREEZABLE = ("router", "ffn")
+
+
+def freeze(model: nn.Module, part: str) -> int:
+    """Stop training one part of model (requires_grad = False; an optimiser then skips it, since
+    its gradient stays None) and return how many parameters it has:
+      "router": every MoE layer's router;
+      "ffn": every feed-forward weight: the MoE layers' experts (routed and shared, with any
+          shared gate) and the dense FFNs, i.e. everything in an FFN except the routers."""
+    _checks.choice("part", part, FREEZABLE)
+    chosen = {}
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            router = {id(w) for w in module.router.parameters()}
+            chosen.update({id(w): w for w in module.parameters() if (id(w) in router) == (part == "router")})
+        elif isinstance(module, FeedForward) and part == "ffn":
+            chosen.update({id(w): w for w in module.parameters()})
+    if not chosen:
+        raise ValueError(f"model must have parameters in part={part!r}, got a {type(model).__name__} without any")
+    for w in chosen.values():
+        w.requires_grad_(False)
+    return sum(w.numel() for w in chosen.values())
+
+
+def fine_tune(model: nn.Module, corpus: Corpus, config, part: str | None = None, eval_every: int | None = None,
+              eval_batches: int = 2) -> dict:
+    """Fine-tune model in place on corpus's train split with `minimoe.train.Trainer(config)`,
+    with `freeze(model, part)` first unless part is None, and measure the loss
+    (`minimoe.train.evaluate`, eval_batches fixed batches of 32 windows) on the train and the
+    val split before training and every eval_every steps (default: only at the end).
+    Returns {"step": [...], "train": [...], "val": [...]}, one entry per measurement. The
+    Trainer's own validation runs as config says (config.eval_every = config.steps: once)."""
+    if part is not None:
+        freeze(model, part)
+    eval_every = _checks.positive_int("eval_every", eval_every or config.steps)
+    trainer = Trainer(model, corpus, config)
+    curve = {"step": [], "train": [], "val": []}
+    while True:
+        curve["step"].append(trainer.step)
+        for split in ("train", "val"):
+            curve[split].append(evaluate(model, corpus, eval_batches, split=split))
+        if trainer.step >= config.steps:
+            return curve
+        trainer.run(steps=min(eval_every, config.steps - trainer.step), progress=False)
 
 
 # ---- uncertain tokens ----
@@ -454,7 +503,7 @@ def int8_error_bound(x: torch.Tensor, experts: Experts, e: int) -> torch.Tensor:
 
 # ---- expert cache ----
 
-CACHE_POLICIES = ("lru", "belady", "static")
+CACHE_POLICIES = ("lru", "belady", "belady_bypass", "static")
 
 
 @dataclass
@@ -469,25 +518,36 @@ class CacheStats:
         return self.hits / max(self.hits + self.misses, 1)
 
 
-def simulate_cache(trace, cache_size: int, policy: str = "lru") -> CacheStats:
-    """Replay trace [N, k] (the experts that step n needs, e.g. one token at one layer, in
-    execution order) against a cache of cache_size experts; requests are served one by one,
-    in row order, and a missing expert is loaded into the cache.
-
-    policy="lru": evict the least recently used expert.
-    policy="belady": evict the expert whose next request is furthest away (never requested
-        again counts as furthest): the fewest misses any cache can have (Belady, 1966), an
-        oracle that needs the future.
-    policy="static": the cache holds the cache_size most requested experts of the whole trace
-        (ties: lower id) and never changes; other experts are read for one use, not cached.
-    """
+def _requests(trace) -> tuple[torch.Tensor, list[int]]:
+    """trace [N, k] of non-negative integer expert ids -> (trace, its requests in row order)."""
     trace = torch.as_tensor(trace)
     _checks.tensor("trace", trace, ndim=2)
     if trace.dtype.is_floating_point or trace.dtype == torch.bool or (trace.numel() and trace.min() < 0):
         raise ValueError(f"trace must hold non-negative integer expert ids, got dtype {trace.dtype}")
+    return trace, trace.reshape(-1).tolist()
+
+
+def simulate_cache(trace, cache_size: int, policy: str = "lru") -> CacheStats:
+    """Replay trace [N, k] (the experts that step n needs, e.g. one token at one layer, in
+    execution order) against a cache of cache_size experts; requests are served one by one,
+    in row order. A miss reads the expert from slow memory (one load, whether or not it is
+    then kept).
+
+    policy="lru": cache every missed expert, evicting the least recently used one.
+    policy="belady": cache every missed expert, evicting the one whose next request is furthest
+        away (never requested again counts as furthest): the fewest misses of any cache that
+        admits every missed expert (Belady, 1966), an oracle that needs the future.
+    policy="belady_bypass": the same oracle, but it may also bypass the cache: a missed expert
+        whose next request is further away than that of every cached expert is read for this
+        one use and not cached. The fewest misses of any cache that starts empty: at most
+        those of every other policy here ("static" plus its fill loads).
+    policy="static": the cache starts filled with the cache_size most requested experts of the
+        whole trace (ties: lower id; these fill loads are not counted as misses) and never
+        changes; other experts are read for one use, not cached.
+    """
+    trace, requests = _requests(trace)
     cache_size = _checks.positive_int("cache_size", cache_size)
     _checks.choice("policy", policy, CACHE_POLICIES)
-    requests = trace.reshape(-1).tolist()
     if policy == "static":
         counts = torch.bincount(trace.reshape(-1).long())
         cached = set(counts.argsort(descending=True, stable=True)[:cache_size].tolist())
@@ -504,6 +564,119 @@ def simulate_cache(trace, cache_size: int, policy: str = "lru") -> CacheStats:
             cache.move_to_end(e)
         elif len(cache) == cache_size:
             victim = next(iter(cache)) if policy == "lru" else max(cache, key=cache.get)
+            if policy == "belady_bypass" and next_use[n] >= cache[victim]:
+                continue  # read for this use only: every cached expert is needed sooner
             del cache[victim]
         cache[e] = next_use[n]
     return CacheStats(hits, len(requests) - hits)
+
+
+@dataclass
+class PrefetchStats:
+    """Outcome of `simulate_prefetch`: hits + misses = requests; a miss makes the token wait for
+    its expert, a prefetch loads an expert before it is asked for (hidden behind computation
+    when it arrives in time). loads = misses + prefetches experts moved in all."""
+
+    hits: int
+    misses: int
+    prefetches: int
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / max(self.hits + self.misses, 1)
+
+    @property
+    def loads(self) -> int:
+        return self.misses + self.prefetches
+
+
+def simulate_prefetch(trace, cache_size: int, prefetch=None) -> PrefetchStats:
+    """An LRU cache of cache_size experts for one MoE layer, step by step, that can prefetch.
+
+    trace [N, k]: the experts step n needs (one token at this layer), all at once; prefetch
+    [N, p] (p <= cache_size; -1 = no guess) or None: experts to load before step n.
+    Step n first loads its guesses that are absent (prefetches, counted apart from misses),
+    then serves its requests: the cached ones are hits, the others are loaded on demand
+    (misses: the token waits). Each load evicts the least recently used expert outside the
+    set being loaded or served (with k <= cache_size); guesses and requests count as used.
+
+    A right guess turns a miss into a prefetch, a load that can overlap earlier computation
+    when the guess is made early enough, e.g. from the previous layer: the next layer's router
+    applied to this layer's input (Eliseev and Mazur, 2023). A wrong one moves an expert for
+    nothing and may evict a useful one. Without prefetch this is LRU with a step's requests
+    served together (for k = 1 the same as `simulate_cache(trace, cache_size, "lru")`).
+    """
+    trace, _ = _requests(trace)
+    cache_size = _checks.positive_int("cache_size", cache_size)
+    guesses = torch.full((trace.shape[0], 0), -1) if prefetch is None else torch.as_tensor(prefetch)
+    _checks.tensor("prefetch", guesses, ndim=2)
+    if guesses.dtype.is_floating_point or guesses.dtype == torch.bool or (guesses.numel() and guesses.min() < -1):
+        raise ValueError(f"prefetch must hold integer expert ids or -1 (no guess), got dtype {guesses.dtype}")
+    if guesses.shape[0] != trace.shape[0] or guesses.shape[1] > cache_size:
+        raise ValueError(f"prefetch must have shape [{trace.shape[0]}, p] with p <= cache_size={cache_size}, got "
+                         f"{tuple(guesses.shape)}")
+    cache = OrderedDict()  # cached experts, least recently used first
+
+    def serve(experts: list[int]) -> int:
+        """Load the absent experts, then make all of them the most recently used, in list
+        order; the number loaded."""
+        experts = list(dict.fromkeys(e for e in experts if e >= 0))
+        absent = [e for e in experts if e not in cache]
+        for e in experts:
+            if e in cache:
+                cache.move_to_end(e)  # out of the eviction's way
+        for e in absent:
+            if len(cache) == cache_size:
+                cache.popitem(last=False)
+            cache[e] = None
+        for e in experts:
+            cache.move_to_end(e)
+        return len(absent)
+
+    requests, prefetches, misses = trace.numel(), 0, 0
+    for guess, need in zip(guesses.tolist(), trace.tolist(), strict=True):
+        prefetches += serve(guess)
+        misses += serve(need)
+    return PrefetchStats(requests - misses, misses, prefetches)
+
+
+# ---- batched decoding ----
+
+
+def expected_distinct_experts(num_experts: int, k: int, batch_size: int) -> float:
+    """Expected number of distinct experts that batch_size tokens touch when each picks k of
+    num_experts experts uniformly at random, independently: E (1 - (1 - k/E)^B), since one
+    token leaves a given expert out with probability 1 - k/E."""
+    E = _checks.positive_int("num_experts", num_experts)
+    k = _checks.positive_int("k", k)
+    if k > E:
+        raise ValueError(f"k must be <= num_experts={E}, got {k}")
+    B = _checks.positive_int("batch_size", batch_size, minimum=0)
+    return E * (1 - (1 - k / E) ** B)
+
+
+def random_topk_trace(num_tokens: int, num_experts: int, k: int, seed: int = 0) -> torch.Tensor:
+    """[num_tokens, k] int64: each row k distinct experts drawn uniformly (a router that knows
+    nothing about its tokens)."""
+    T = _checks.positive_int("num_tokens", num_tokens)
+    expected_distinct_experts(num_experts, k, 1)  # checks num_experts and k
+    scores = torch.rand(T, num_experts, generator=torch.Generator().manual_seed(seed))
+    return scores.topk(k, dim=-1).indices
+
+
+def distinct_experts(trace, batch_size: int, num_batches: int = 1000, seed: int = 0) -> torch.Tensor:
+    """[num_batches] int64: the number of distinct experts in each of num_batches batches of
+    batch_size rows of trace [N, k], each drawn at random without replacement (a decode step
+    serving batch_size requests, one token each)."""
+    trace, _ = _requests(trace)
+    B = _checks.positive_int("batch_size", batch_size)
+    if B > trace.shape[0]:
+        raise ValueError(f"batch_size must be <= the trace's {trace.shape[0]} rows, got {B}")
+    num_batches = _checks.positive_int("num_batches", num_batches)
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.stack([torch.randperm(trace.shape[0], generator=gen)[:B] for _ in range(num_batches)])
+    experts = trace[rows].reshape(num_batches, -1)  # [batches, B k]
+    width = int(trace.max()) + 1 if trace.numel() else 1
+    touched = torch.zeros(num_batches, width, dtype=torch.bool)
+    touched.scatter_(1, experts, True)
+    return touched.sum(-1)

@@ -3,11 +3,15 @@ here, pruning against masking and the per-token loop, merging and hidden-unit al
 int8 quantisation against its derived error bound, the cache simulator against hand-replayed
 traces, the context managers, and input validation."""
 
+import functools
+import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from minimoe import inference as inf
@@ -571,3 +575,169 @@ def test_belady_never_loses_to_lru_and_hits_grow_with_the_cache():
 def test_cache_validation(trace, size, policy, error, message):
     with pytest.raises(error, match=message):
         inf.simulate_cache(trace, size, policy)
+
+
+def fewest_misses(requests: list[int], size: int, bypass: bool) -> int:
+    """The optimum over every cache policy, by exhaustive search over the cache's contents:
+    a miss must admit the expert (evicting any cached one when full), or, with bypass, may
+    read it without caching it."""
+    @functools.cache
+    def best(n: int, cache: frozenset) -> int:
+        if n == len(requests):
+            return 0
+        e = requests[n]
+        if e in cache:
+            return best(n + 1, cache)
+        options = [cache | {e}] if len(cache) < size else [cache - {v} | {e} for v in cache]
+        if bypass:
+            options.append(cache)
+        return 1 + min(best(n + 1, option) for option in options)
+    return best(0, frozenset())
+
+
+@pytest.mark.parametrize("trace, size, hits", [
+    ([[0], [1], [0], [1]], 1, 1),  # 0m 1m(its next use 3 is later than 0's, 2: bypass) 0h 1m
+    (TRACE, 2, 3),                 # 0m 1m 2m(bypass: next use 7 > 1's 4) 0h 1h 3m(bypass) 0h 2m; belady: 2
+    ([[0], [1], [2], [0], [1], [2], [0]], 2, 3),  # 0m 1m 2m(bypass: never sooner) 0h 1h 2m 0h
+])
+def test_belady_with_bypass_by_hand(trace, size, hits):
+    assert inf.simulate_cache(torch.tensor(trace), size, "belady_bypass").hits == hits
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=12), st.integers(1, 3))
+def test_belady_is_optimal_among_admitting_caches_and_with_bypass_among_all(requests, size):
+    trace = torch.tensor(requests)[:, None]
+    belady = inf.simulate_cache(trace, size, "belady").misses
+    bypass = inf.simulate_cache(trace, size, "belady_bypass").misses
+    assert belady == fewest_misses(requests, size, bypass=False)
+    assert bypass == fewest_misses(requests, size, bypass=True)
+    for policy in ("lru", "belady"):
+        assert bypass <= inf.simulate_cache(trace, size, policy).misses, policy
+    # static starts full, its fill loads uncounted: as a cache that starts empty it misses them too
+    fills = min(size, len(set(requests)))
+    assert bypass <= inf.simulate_cache(trace, size, "static").misses + fills
+
+
+# ---- prefetching ----
+
+
+@pytest.mark.parametrize("trace, prefetch, size, stats", [
+    # no guesses: LRU by step (a step's cached experts are touched before its misses evict)
+    ([[0, 1], [2, 0], [1, 3], [0, 2]], None, 2, (1, 7, 0)),  # 0m1m | 0h 2m(-1) | 1m(-0)3m(-2) | 0m(-1)2m(-3)
+    ([[0, 1], [2, 0], [1, 3], [0, 2]], None, 3, (3, 5, 0)),  # 0m1m | 0h 2m | 1h 3m(-0) | 0h 2m(-1)
+    # perfect guesses: every request hits, each guess that was absent is a prefetch
+    ([[0, 1], [2, 0], [1, 3], [0, 2]], [[0, 1], [2, 0], [1, 3], [0, 2]], 2, (8, 0, 7)),
+    # a wrong guess costs a load and evicts a useful expert: cache 2, guess 5 before step 1
+    ([[0], [1], [0]], [[-1], [5], [-1]], 2, (0, 3, 1)),  # 0m | 5p(cache 0,5) 1m(-0) | 0m(-5)
+    ([[0], [1], [0]], [[-1], [1], [-1]], 2, (2, 1, 1)),  # 0m | 1p 1h | 0h
+])
+def test_prefetch_by_hand(trace, prefetch, size, stats):
+    result = inf.simulate_prefetch(torch.tensor(trace), size, None if prefetch is None else torch.tensor(prefetch))
+    assert (result.hits, result.misses, result.prefetches) == stats
+    assert result.loads == stats[1] + stats[2]
+    assert result.hit_rate == pytest.approx(stats[0] / sum(len(row) for row in trace))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=30), st.integers(1, 4))
+def test_prefetch_without_guesses_is_lru_for_one_request_per_step(requests, size):
+    trace = torch.tensor(requests)[:, None]
+    lru = inf.simulate_cache(trace, size, "lru")
+    plain = inf.simulate_prefetch(trace, size)
+    none = inf.simulate_prefetch(trace, size, torch.full((len(requests), size), -1))
+    assert (plain.hits, plain.misses, plain.prefetches) == (lru.hits, lru.misses, 0)
+    assert (none.hits, none.misses, none.prefetches) == (lru.hits, lru.misses, 0)
+
+
+def test_prefetching_the_requests_themselves_removes_every_miss():
+    trace = inf.random_topk_trace(200, 8, 2, seed=3)
+    stats = inf.simulate_prefetch(trace, 3, trace)
+    assert stats.misses == 0 and stats.hits == trace.numel()
+    # guessing exactly the step's requests loads what plain LRU-by-step would load, only earlier
+    assert stats.prefetches == inf.simulate_prefetch(trace, 3).misses
+
+
+@pytest.mark.parametrize("prefetch, message", [
+    (torch.zeros(4, 3, dtype=torch.int64), "p <= cache_size=2"),
+    (torch.zeros(3, 1, dtype=torch.int64), r"shape \[4, p\]"),
+    (torch.full((4, 1), -2), "integer expert ids or -1"),
+    (torch.zeros(4, 1), "integer expert ids or -1"),
+])
+def test_prefetch_validation(prefetch, message):
+    with pytest.raises(ValueError, match=message):
+        inf.simulate_prefetch(torch.tensor(TRACE), 2, prefetch)
+
+
+# ---- batched decoding ----
+
+
+@pytest.mark.parametrize("E, k, B", [(4, 2, 2), (5, 2, 3), (6, 3, 2), (4, 1, 4)])
+def test_expected_distinct_experts_equals_enumeration(E, k, B):
+    subsets = list(itertools.combinations(range(E), k))  # every top-k set, equally likely
+    union_sizes = [len(set().union(*batch)) for batch in itertools.product(subsets, repeat=B)]
+    assert inf.expected_distinct_experts(E, k, B) == pytest.approx(sum(union_sizes) / len(union_sizes))
+
+
+def test_expected_distinct_experts_edges_and_validation():
+    assert inf.expected_distinct_experts(16, 4, 1) == pytest.approx(4)
+    assert inf.expected_distinct_experts(16, 16, 3) == pytest.approx(16)
+    assert inf.expected_distinct_experts(16, 4, 0) == 0
+    for args, error, message in [((4, 5, 1), ValueError, "k must be <= num_experts=4"),
+                                 ((4, 2, -1), ValueError, "batch_size must be >= 0"),
+                                 ((4, 2.0, 1), TypeError, "k must be an int")]:
+        with pytest.raises(error, match=message):
+            inf.expected_distinct_experts(*args)
+
+
+def test_random_topk_trace_rows_are_distinct_experts_used_uniformly():
+    trace = inf.random_topk_trace(4000, 8, 3, seed=1)
+    assert trace.shape == (4000, 3) and trace.dtype == torch.int64
+    assert all(len(set(row)) == 3 for row in trace.tolist())
+    share = torch.bincount(trace.reshape(-1), minlength=8) / trace.numel()
+    assert torch.allclose(share, torch.full((8,), 1 / 8), atol=0.01)
+
+
+def test_distinct_experts_by_hand_and_against_the_formula():
+    trace = torch.tensor([[0, 1], [1, 2], [0, 1]])
+    assert inf.distinct_experts(trace, 3, num_batches=5).tolist() == [3] * 5  # the whole trace: {0, 1, 2}
+    assert set(inf.distinct_experts(trace, 2, num_batches=50).tolist()) == {2, 3}  # rows 0 and 2 share both
+    for B in (1, 4, 16):
+        counts = inf.distinct_experts(inf.random_topk_trace(5000, 16, 4, seed=B), B, num_batches=2000, seed=B)
+        # mean of 2000 batches: its standard error is below 0.05 (a count's spread is below 2)
+        assert float(counts.double().mean()) == pytest.approx(inf.expected_distinct_experts(16, 4, B), abs=0.15)
+    with pytest.raises(ValueError, match="batch_size must be <= the trace's 3 rows"):
+        inf.distinct_experts(trace, 4)
+
+
+# ---- fine-tuning with a part frozen ----
+
+
+@pytest.mark.parametrize("num_experts, part, frozen_names", [
+    (4, "router", ["ffn.router.proj.weight"]),
+    (4, "ffn", ["ffn.experts.w_gate", "ffn.experts.w_up", "ffn.experts.w_down"]),
+    (1, "ffn", ["ffn.w_gate", "ffn.w_up", "ffn.w_down"]),  # the dense twin's FFN
+])
+def test_freeze_stops_exactly_that_part_from_training(num_experts, part, frozen_names):
+    torch.manual_seed(0)
+    config = MoETransformerConfig(vocab_size=12, seq_len=8, d_model=16, n_layers=2, n_heads=2, d_hidden=8,
+                                  num_experts=num_experts, k=min(2, num_experts))
+    model = MoETransformer(config)
+    before = {name: w.detach().clone() for name, w in model.named_parameters()}
+    expected = {f"blocks.{b}.{name}" for b in range(2) for name in frozen_names}
+    assert inf.freeze(model, part) == sum(before[name].numel() for name in expected)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    idx = torch.randint(0, 12, (4, 8))
+    model(idx, idx)[1].backward()
+    optimizer.step()
+    for name, w in model.named_parameters():
+        assert torch.equal(w, before[name]) == (name in expected), name
+
+
+def test_freeze_validation():
+    dense = MoETransformer(MoETransformerConfig(vocab_size=12, seq_len=8, d_model=16, n_layers=1, n_heads=2,
+                                                d_hidden=8, num_experts=1, k=1))
+    with pytest.raises(ValueError, match="part='router'"):
+        inf.freeze(dense, "router")
+    with pytest.raises(ValueError, match="part must be one of"):
+        inf.freeze(dense, "attention")
