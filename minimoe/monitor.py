@@ -28,10 +28,24 @@ A record holds, for one MoE layer and one call (E experts, T tokens):
     logit_max         largest router logit
     logit_rms         root mean square of the router logits
     z_loss            router z-loss, mean over tokens of logsumexp(logits)^2 (Zoph et al. 2022)
+
+Gradients: at the end of every backward pass that accumulates gradients into the model's
+parameters, the monitor adds to `grad_records` one dict per MoE layer (fields GRAD_FIELDS):
+    step              the step of the latest training call (as above), the one whose loss it follows
+    layer             index among the model's MoE layers
+    grad_norm         global gradient norm, sqrt of the sum of ||p.grad||^2 over all the model's
+                      parameters (what `torch.nn.utils.clip_grad_norm_` measures before clipping)
+    expert_grad_norm  [E] list, for expert e: sqrt(||w_gate.grad[e]||^2 + ||w_up.grad[e]||^2 +
+                      ||w_down.grad[e]||^2) (a weight without a gradient counts 0)
+It reads the gradients as they stand, so with gradient accumulation each backward records the sum
+so far. `grad_series` reads them back; the dashboard gains a row for them once there are any.
 """
+
+import math
 
 import numpy as np
 import seaborn as sns
+import torch
 from matplotlib.figure import Figure
 from torch import nn
 
@@ -44,6 +58,7 @@ from minimoe.routing import Routing
 FIELDS = ("step", "call", "layer", "training", "tokens", "load", "load_entropy", "dead_experts",
           "max_violation", "cv", "dropped_fraction", "logit_max", "logit_rms", "z_loss")
 METRICS = FIELDS[6:]  # the numbers a dashboard plots over steps
+GRAD_FIELDS = ("step", "layer", "grad_norm", "expert_grad_norm")
 
 # diagnose(): thresholds, checked in this order
 LOGIT_BLOW_UP = 10.0     # "logit blow-up"  when logit_max > 10
@@ -79,6 +94,23 @@ def routing_record(routing: Routing, num_experts: int) -> dict:
     if routing.logits.shape[1] != num_experts:
         raise ValueError(f"num_experts must be the routing's {routing.logits.shape[1]}, got {num_experts}")
     return _fields(routing_stats(routing), float(router_z_loss(routing.logits.detach())))
+
+
+def _sum_of_squares(grad: torch.Tensor | None) -> float:
+    return 0.0 if grad is None else float(grad.detach().double().pow(2).sum())
+
+
+def expert_grad_norms(layer) -> list[float]:
+    """[E] gradient norm of each expert of an MoELayer: for expert e, the norm of the .grad slices
+    [e] of w_gate, w_up and w_down taken together (a weight without a .grad counts 0)."""
+    experts = layer.experts
+    total = torch.zeros(experts.num_experts, dtype=torch.float64)
+    for name in ("w_gate", "w_up", "w_down"):
+        weight = getattr(experts, name, None)
+        grad = None if weight is None else weight.grad
+        if grad is not None:
+            total += grad.detach().double().pow(2).reshape(grad.shape[0], -1).sum(1).cpu()
+    return total.sqrt().tolist()
 
 
 def diagnose(record: dict) -> str:
@@ -127,9 +159,14 @@ class RoutingMonitor:
         for i, layer in enumerate(self.layers):
             self._handles.append(layer.register_forward_hook(self._record(i)))
         self._handles.append(model.register_forward_hook(self._end))  # after the layers' hooks
+        self.grad_records: list[dict] = []
+        self._grads_queued = False  # a gradient record waits for the end of the running backward
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._handles += [p.register_post_accumulate_grad_hook(self._queue_gradients) for p in self._params]
 
     # ---- hooks ----
     def _begin(self, model, args):
+        self._grads_queued = False  # a backward that failed midway left its record unqueued
         self._call = dict(step=self.steps, call=self.calls, training=model.training)
 
     def _record(self, i: int):
@@ -146,6 +183,20 @@ class RoutingMonitor:
         self.steps += self._call["training"]
         self.calls += 1
         self._call = None
+
+    def _queue_gradients(self, param):
+        # the first accumulation of a backward pass queues one record for its end (as DDP does)
+        if not self._grads_queued:
+            self._grads_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._record_gradients)
+
+    def _record_gradients(self):
+        self._grads_queued = False
+        grad_norm = math.sqrt(sum(_sum_of_squares(p.grad) for p in self._params))
+        step = max(self.steps - 1, 0)
+        for i, layer in enumerate(self.layers):
+            self.grad_records.append(dict(step=step, layer=i, grad_norm=grad_norm,
+                                          expert_grad_norm=expert_grad_norms(layer)))
 
     # ---- lifetime ----
     @property
@@ -184,6 +235,23 @@ class RoutingMonitor:
         values = np.array([r[name] for r in rows], dtype=float)
         unique, which = np.unique(steps, return_inverse=True)
         return unique, np.bincount(which, weights=values) / np.bincount(which)
+
+    def grad_series(self, layer: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(steps [n], grad_norm [n], expert_grad_norm [n, E]) of one MoE layer's gradient
+        records, averaged over the backward passes that share a step."""
+        _checks.positive_int("layer", layer, minimum=0)
+        if layer >= len(self.layers):
+            raise ValueError(f"layer must be < {len(self.layers)} (the model's MoE layers), got {layer}")
+        rows = [r for r in self.grad_records if r["layer"] == layer]
+        if not rows:
+            raise ValueError("no gradient records yet: call backward on a loss of the model while the "
+                             "monitor is attached")
+        steps, which = np.unique([r["step"] for r in rows], return_inverse=True)
+        counts = np.bincount(which)[:, None]
+        values = np.zeros((len(steps), 1 + len(rows[0]["expert_grad_norm"])))
+        np.add.at(values, which, [[r["grad_norm"], *r["expert_grad_norm"]] for r in rows])
+        values /= counts
+        return steps, values[:, 0], values[:, 1:]
 
     def _rows(self, layer: int, training: bool) -> list[dict]:
         _checks.positive_int("layer", layer, minimum=0)
@@ -224,10 +292,13 @@ class RoutingMonitor:
     def dashboard(self, training: bool = True, load_layer: int = 0,
                   title: str = "Routing dashboard") -> Figure:
         """One figure: each metric over steps (one line per MoE layer), and the share of the
-        assignments each expert received at each step in layer `load_layer` (heatmap)."""
+        assignments each expert received at each step in layer `load_layer` (heatmap). With
+        gradient records (training mode), a fourth row: the global gradient norm with each MoE
+        layer's expert-gradient norm, and the gradient norm of each expert of `load_layer` (heatmap)."""
         rows = self._rows(load_layer, training)  # checks the arguments before drawing
-        fig = Figure(figsize=(14, 10), layout="constrained")
-        axes = fig.subplots(3, 3).flat
+        gradients = training and bool(self.grad_records)
+        fig = Figure(figsize=(14, 13 if gradients else 10), layout="constrained")
+        axes = fig.subplots(4 if gradients else 3, 3).flat
         colors = sns.color_palette("colorblind", len(self.layers))
         scale = {"dropped_fraction": 100.0}
         for ax, (name, (panel_title, ylabel)) in zip(axes, _PANELS.items(), strict=False):
@@ -244,6 +315,25 @@ class RoutingMonitor:
                              shading="nearest")
         fig.colorbar(mesh, ax=ax, label="share of assignments (%)")
         ax.set(title=f"load per expert, MoE layer {load_layer}", xlabel="training step", ylabel="expert")
+        if gradients:
+            self._gradient_panels(axes[9], axes[10], load_layer, colors)
+            axes[11].remove()
         mode = "training" if training else "eval"
         fig.suptitle(f"{title} ({mode}-mode calls, mean per step)")
         return fig
+
+    def _gradient_panels(self, norms_ax, heatmap_ax, load_layer: int, colors) -> None:
+        """The dashboard's gradient row: norms over steps, and layer load_layer's experts."""
+        for i, color in enumerate(colors):
+            steps, grad_norm, per_expert = self.grad_series(i)
+            if i == 0:
+                norms_ax.plot(steps, grad_norm, color="black", label="all parameters")
+            norms_ax.plot(steps, np.sqrt((per_expert ** 2).sum(1)), color=color, label=f"experts of MoE layer {i}")
+        norms_ax.set(title="gradient norm", xlabel="training step", ylabel="L2 norm of the gradient (unitless)")
+        norms_ax.legend(fontsize="small")
+        steps, _, per_expert = self.grad_series(load_layer)
+        mesh = heatmap_ax.pcolormesh(steps, np.arange(per_expert.shape[1]), per_expert.T, cmap="rocket",
+                                     vmin=0, shading="nearest")
+        heatmap_ax.figure.colorbar(mesh, ax=heatmap_ax, label="gradient norm (unitless)")
+        heatmap_ax.set(title=f"gradient norm per expert, MoE layer {load_layer}", xlabel="training step",
+                       ylabel="expert")

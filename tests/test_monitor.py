@@ -15,7 +15,7 @@ from torch import nn
 
 from minimoe.layer import MoELayer
 from minimoe.model import MoETransformer, MoETransformerConfig
-from minimoe.monitor import FIELDS, METRICS, RoutingMonitor, diagnose, routing_record
+from minimoe.monitor import FIELDS, GRAD_FIELDS, METRICS, RoutingMonitor, diagnose, expert_grad_norms, routing_record
 from minimoe.reference import kept_assignments
 from minimoe.routing import ExpertChoiceRouter, NoisyTopKRouter, TopKRouter
 
@@ -289,6 +289,108 @@ def test_dashboard_is_one_labelled_figure_of_every_metric():
 def test_dashboard_without_records_is_an_error():
     with RoutingMonitor(small_transformer()) as monitor, pytest.raises(ValueError, match="no training-mode"):
         monitor.dashboard()
+
+
+# ---------------------------------------------------------------------------------------------
+# gradient norms
+# ---------------------------------------------------------------------------------------------
+
+def norms_by_hand(model: nn.Module, layer: MoELayer) -> tuple[float, list[float]]:
+    """Global and per-expert gradient norms, one .grad entry at a time in plain Python."""
+    squares = [v * v for p in model.parameters() if p.grad is not None for v in p.grad.reshape(-1).tolist()]
+    per_expert = []
+    for e in range(layer.num_experts):
+        entries = [v for w in (layer.experts.w_gate, layer.experts.w_up, layer.experts.w_down)
+                   for v in w.grad[e].reshape(-1).tolist()]
+        per_expert.append(math.sqrt(sum(v * v for v in entries)))
+    return math.sqrt(sum(squares)), per_expert
+
+
+def test_gradient_records_equal_the_norms_computed_from_grad_and_a_dead_expert_has_none():
+    layer = skewed_layer()
+    with RoutingMonitor(layer) as monitor:
+        layer(positive_input()).square().sum().backward()
+    (record,) = monitor.grad_records
+    assert set(record) == set(GRAD_FIELDS) and (record["step"], record["layer"]) == (0, 0)
+    grad_norm, per_expert = norms_by_hand(layer, layer)
+    assert record["grad_norm"] == pytest.approx(grad_norm, rel=1e-6)
+    assert record["expert_grad_norm"] == pytest.approx(per_expert, rel=1e-6)
+    assert record["expert_grad_norm"][3] == 0.0 and min(record["expert_grad_norm"][:3]) > 0  # expert 3: no tokens
+    # the router's gradient counts in the global norm, not in any expert's
+    assert record["grad_norm"] ** 2 > sum(v * v for v in per_expert) + 1e-9
+
+
+def test_gradient_records_follow_each_backward_and_accumulate_as_grad_does():
+    model = small_transformer()
+    with RoutingMonitor(model) as monitor:
+        for step in range(2):
+            model.zero_grad()
+            idx = torch.randint(20, (2, 8), generator=torch.Generator().manual_seed(step))
+            model(idx, idx)[1].backward()
+            for i, layer in enumerate(model.moe_layers):
+                grad_norm, per_expert = norms_by_hand(model, layer)
+                record = monitor.grad_records[-2 + i]
+                assert (record["step"], record["layer"]) == (step, i)
+                assert record["grad_norm"] == pytest.approx(grad_norm, rel=1e-6)
+                assert record["expert_grad_norm"] == pytest.approx(per_expert, rel=1e-6)
+        model(idx, idx)[1].backward()  # no zero_grad: the record reads the accumulated .grad
+        assert monitor.grad_records[-1]["grad_norm"] == pytest.approx(norms_by_hand(model, model.moe_layers[1])[0])
+        assert monitor.grad_records[-1]["step"] == 2
+        steps, grad_norm, per_expert = monitor.grad_series(1)
+        assert steps.tolist() == [0, 1, 2] and per_expert.shape == (3, 4)
+        np.testing.assert_allclose(grad_norm, [r["grad_norm"] for r in monitor.grad_records[1::2]])
+        with torch.no_grad():
+            model(idx)  # no backward: no record
+    assert len(monitor.grad_records) == 6
+    model(idx, idx)[1].backward()  # detached: no record
+    assert len(monitor.grad_records) == 6
+
+
+def test_the_trainer_runs_gradient_norm_is_the_one_recorded():
+    from minimoe.data import load_corpus
+    from minimoe.train import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    model = MoETransformer(MoETransformerConfig(**{**SMALL, "vocab_size": load_corpus().vocab_size}))
+    with RoutingMonitor(model) as monitor:
+        history = Trainer(model, load_corpus(), TrainConfig(steps=3, batch_size=2, eval_every=10)).run(progress=False)
+    steps, grad_norm, _ = monitor.grad_series(0)
+    assert steps.tolist() == [0, 1, 2]
+    np.testing.assert_allclose(grad_norm, history.grad_norm, rtol=1e-5)
+
+
+def test_expert_grad_norms_without_gradients_are_zero_and_grad_series_checks_its_input():
+    layer = skewed_layer()
+    assert expert_grad_norms(layer) == [0.0] * E
+    with RoutingMonitor(layer) as monitor:
+        with pytest.raises(ValueError, match="no gradient records"):
+            monitor.grad_series(0)
+        layer(positive_input()).sum().backward()
+        with pytest.raises(ValueError, match="layer must be < 1"):
+            monitor.grad_series(1)
+
+
+def test_dashboard_gains_a_row_of_gradient_panels():
+    model = small_transformer()
+    with RoutingMonitor(model) as monitor:
+        for step in range(3):
+            idx = torch.randint(20, (2, 8), generator=torch.Generator().manual_seed(step))
+            model.zero_grad()
+            model(idx, idx)[1].backward()
+        model.eval()
+        model(idx)
+    fig = monitor.dashboard(load_layer=1)
+    panels, colorbars = fig.axes[:11], fig.axes[11:]
+    assert len(colorbars) == 2 and all(ax.get_ylabel() for ax in colorbars)
+    for ax in panels:
+        assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
+    norms, heatmap = panels[9], panels[10]
+    assert len(norms.lines) == 3  # all parameters, then each MoE layer's experts
+    np.testing.assert_allclose(norms.lines[0].get_ydata(), [r["grad_norm"] for r in monitor.grad_records[::2]])
+    layer1 = np.array([r["expert_grad_norm"] for r in monitor.grad_records[1::2]])  # [steps, E]
+    np.testing.assert_allclose(norms.lines[2].get_ydata(), np.sqrt((layer1 ** 2).sum(1)))
+    np.testing.assert_allclose(heatmap.collections[0].get_array().reshape(E, 3), layer1.T)
+    assert len(monitor.dashboard(training=False).axes) == 10  # eval mode: no gradient row
 
 
 # ---------------------------------------------------------------------------------------------
