@@ -41,7 +41,6 @@ It reads the gradients as they stand, so with gradient accumulation each backwar
 so far. `grad_series` reads them back; the dashboard gains a row for them once there are any.
 """
 
-import math
 
 import numpy as np
 import seaborn as sns
@@ -96,21 +95,22 @@ def routing_record(routing: Routing, num_experts: int) -> dict:
     return _fields(routing_stats(routing), float(router_z_loss(routing.logits.detach())))
 
 
-def _sum_of_squares(grad: torch.Tensor | None) -> float:
-    return 0.0 if grad is None else float(grad.detach().double().pow(2).sum())
+def _expert_squares(layer) -> torch.Tensor:
+    """[E] float64: for expert e, the sum of squares of the .grad slices [e] of its weights."""
+    experts = layer.experts
+    total = torch.zeros(experts.num_experts, dtype=torch.float64)
+    for name in ("w_gate", "w_up", "w_down"):
+        weight = getattr(experts, name, None)
+        if weight is not None and weight.grad is not None:
+            grad = weight.grad.detach()
+            total = total.to(grad.device) + grad.double().pow(2).reshape(grad.shape[0], -1).sum(1)
+    return total
 
 
 def expert_grad_norms(layer) -> list[float]:
     """[E] gradient norm of each expert of an MoELayer: for expert e, the norm of the .grad slices
     [e] of w_gate, w_up and w_down taken together (a weight without a .grad counts 0)."""
-    experts = layer.experts
-    total = torch.zeros(experts.num_experts, dtype=torch.float64)
-    for name in ("w_gate", "w_up", "w_down"):
-        weight = getattr(experts, name, None)
-        grad = None if weight is None else weight.grad
-        if grad is not None:
-            total += grad.detach().double().pow(2).reshape(grad.shape[0], -1).sum(1).cpu()
-    return total.sqrt().tolist()
+    return _expert_squares(layer).sqrt().tolist()
 
 
 def diagnose(record: dict) -> str:
@@ -192,11 +192,18 @@ class RoutingMonitor:
 
     def _record_gradients(self):
         self._grads_queued = False
-        grad_norm = math.sqrt(sum(_sum_of_squares(p.grad) for p in self._params))
-        step = max(self.steps - 1, 0)
-        for i, layer in enumerate(self.layers):
-            self.grad_records.append(dict(step=step, layer=i, grad_norm=grad_norm,
-                                          expert_grad_norm=expert_grad_norms(layer)))
+        grads = [p.grad.detach() for p in self._params if p.grad is not None]
+        device = grads[0].device if grads else torch.device("cpu")
+        squares = [torch.stack([g.double().pow(2).sum().to(device) for g in grads]).sum().reshape(1) if grads
+                   else torch.zeros(1, dtype=torch.float64, device=device)]
+        squares += [_expert_squares(layer).to(device) for layer in self.layers]
+        values = torch.cat(squares).sqrt().tolist()  # one read of the device
+        step, widths = max(self.steps - 1, 0), [len(s) for s in squares[1:]]
+        start = 1
+        for i, width in enumerate(widths):
+            self.grad_records.append(dict(step=step, layer=i, grad_norm=values[0],
+                                          expert_grad_norm=values[start:start + width]))
+            start += width
 
     # ---- lifetime ----
     @property
