@@ -104,25 +104,23 @@ class _SwiGLUDown(torch.autograd.Function):
         gate_up, w_down, row_weights, tokens_per_expert, offsets = ctx.saved_tensors
         grad = grad.contiguous()
         gate, up = gate_up.chunk(2, -1)
-        # at most three [S, h] buffers live at once besides the gradient of gate_up
+        # one [S, h] buffer besides gate_up and its gradient, whose two halves hold the hidden
+        # layer (recomputed) and silu(gate) in turn before their own gradients
         grad_hidden = _matmul(grad, w_down.transpose(1, 2), tokens_per_expert, offsets)  # of the unscaled hidden
-        silu = F.silu(gate)
+        grad_gate_up = torch.empty_like(gate_up)
+        grad_gate, grad_up = grad_gate_up.chunk(2, -1)
         grad_weights = grad_w_down = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            hidden = silu * up  # recomputed, unscaled: out = row_weight * hidden @ W_down
+            hidden = F.silu(grad_up.copy_(gate), inplace=True).mul_(up)  # unscaled: out = w * hidden @ W_down
             if row_weights is not None:
                 if ctx.needs_input_grad[2]:
                     grad_weights = torch.linalg.vecdot(grad_hidden, hidden)
                 hidden.mul_(row_weights[:, None])
             if ctx.needs_input_grad[1]:
                 grad_w_down = _weight_grad(hidden, grad, w_down, tokens_per_expert, offsets)
-            del hidden
         if row_weights is not None:
             grad_hidden.mul_(row_weights[:, None])
-        grad_gate_up = torch.empty_like(gate_up)
-        grad_gate, grad_up = grad_gate_up.chunk(2, -1)
-        torch.mul(grad_hidden, silu, out=grad_up)  # d hidden / d up = silu(gate)
-        del silu
+        F.silu(grad_up.copy_(gate), inplace=True).mul_(grad_hidden)  # d hidden / d up = silu(gate)
         torch.ops.aten.silu_backward.grad_input(grad_hidden.mul_(up), gate, grad_input=grad_gate)
         return grad_gate_up, grad_w_down, grad_weights, None, None
 
@@ -140,7 +138,8 @@ def feed_forward(x, w_up, w_down, w_gate=None, activation="swiglu", tokens_per_e
 
     E experts' swiglu runs W_gate and W_up as one grouped matmul of [E, d, 2h] (the weights
     concatenated per call; on a CPU half as many small per-expert products) where grouped_mm
-    takes W_up, then `_SwiGLUDown`, whose backward recomputes the activation instead of keeping it.
+    takes W_up, then, for experts no wider than d (fine-grained ones), `_SwiGLUDown`, whose
+    backward recomputes the activation instead of keeping it.
     """
     grouped = tokens_per_expert is not None
     offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32) if grouped else None
@@ -151,14 +150,14 @@ def feed_forward(x, w_up, w_down, w_gate=None, activation="swiglu", tokens_per_e
         return _GatheredMatmul.apply(x, rows, w, tokens_per_expert, offsets)
 
     if activation == "swiglu" and grouped:
-        if _grouped_mm_supported(x, w_up):
-            gate_up = first(torch.cat([w_gate, w_up], -1))
-        else:
-            gate_up = torch.cat([first(w_gate), first(w_up)], -1)
-        return _SwiGLUDown.apply(gate_up, w_down, row_weights, tokens_per_expert, offsets)
-
-    gate = first(w_gate) if activation == "swiglu" else None
-    up = first(w_up)
+        gate_up = (first(torch.cat([w_gate, w_up], -1)) if _grouped_mm_supported(x, w_up)
+                   else torch.cat([first(w_gate), first(w_up)], -1))
+        if w_down.shape[1] <= w_down.shape[2]:  # h <= d; at h = 2d it measured 3% more memory than autograd's
+            return _SwiGLUDown.apply(gate_up, w_down, row_weights, tokens_per_expert, offsets)
+        gate, up = gate_up.chunk(2, -1)
+    else:
+        gate = first(w_gate) if activation == "swiglu" else None
+        up = first(w_up)
     hidden = activate(up, gate, activation)
     if row_weights is not None and hidden.shape[1] <= x.shape[1]:
         hidden, row_weights = hidden * row_weights[:, None], None
