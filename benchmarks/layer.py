@@ -2,34 +2,42 @@
 
     python benchmarks/layer.py                 # all configs, 2 threads
     python benchmarks/layer.py --repeats 9 --threads 2 --config fine-grained
-    python benchmarks/layer.py --default-malloc   # glibc's allocator settings as they are
+    python benchmarks/layer.py --default-malloc   # the default-allocator column only
     python benchmarks/layer.py --device cuda      # on a GPU, with MoELayer's Triton backends too
 
 Every implementation computes the same function with the same weights (checked before timing).
 Runs are interleaved (A B C A B C ...) so that drift in machine speed hits all of them alike;
-the table reports medians and each one's ratio to minimoe's MoELayer.
+the table reports medians and each one's ratio to minimoe's MoELayer, and the peak memory of
+one forward + backward (profiler allocation events, which the allocator settings do not change).
 
 Allocator: glibc serves every buffer over 32 MB with a fresh mmap and returns it on free, so
 each new buffer is page-faulted in again (here ~35 ms for 64 MB). MoE dispatch makes several
-[T*k, d] buffers per step and pays this far more than a dense FFN does. By default the script
-re-runs itself with MALLOC_MMAP_MAX_=0 and a large MALLOC_TRIM_THRESHOLD_, which keep freed
-memory for reuse, as PyTorch's CPU performance guide advises (or jemalloc / tcmalloc);
---default-malloc measures without them.
+[T*k, d] buffers per step and pays this far more than a dense FFN does. The first timing column
+is glibc as it comes (what a notebook gets); for the second, the script runs itself again in a
+child process with MALLOC_MMAP_MAX_=0 and a large MALLOC_TRIM_THRESHOLD_, which keep freed
+memory for reuse, as PyTorch's CPU performance guide advises (or jemalloc / tcmalloc). The two
+columns come from two processes run one after the other, so compare ratios, not milliseconds.
 """
 
 import argparse
 import copy
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from minimoe import FeedForward, MoELayer
 from minimoe.reference import moe_loop
+
+sys.path.insert(0, str(Path(__file__).parent))  # run as a script or loaded from a path by the tests
+from memory import peak_memory  # noqa: E402
 
 
 @dataclass
@@ -142,12 +150,44 @@ def _synchronize(x: torch.Tensor) -> None:
         torch.cuda.synchronize(x.device)
 
 
-def report(cfg: Config, medians: dict[str, float]) -> str:
-    base = medians["minimoe MoELayer"]
+def report(cfg: Config, medians: dict[str, float], reuse: dict[str, float] | None = None,
+           memory: dict[str, int] | None = None) -> str:
+    """The table: ms and ratio to MoELayer with the default allocator, then (when given) with freed
+    memory reused, then peak MB of forward + backward and its ratio; and MoELayer / dense."""
+    columns = [("ms", medians), ("ms reuse", reuse), ("peak MB", memory)]
+    columns = [(title, values) for title, values in columns if values is not None]
     lines = [f"{cfg.name}: T={cfg.tokens} d={cfg.d_model} h={cfg.d_hidden} E={cfg.num_experts} k={cfg.k}",
-             f"{'implementation':<36} {'ms':>9} {'/ minimoe':>10}"]
-    lines += [f"{name:<36} {1e3 * t:>9.1f} {t / base:>10.2f}" for name, t in medians.items()]
+             f"{'implementation':<36}" + "".join(f"{title:>10} {'/ minimoe':>9}" for title, _ in columns)]
+    scale = {"ms": 1e3, "ms reuse": 1e3, "peak MB": 2.0 ** -20}
+    for name in medians:
+        lines.append(f"{name:<36}" + "".join(
+            f"{scale[title] * values[name]:>10.1f} {values[name] / values['minimoe MoELayer']:>9.2f}"
+            for title, values in columns))
+    for dense in (name for name in medians if name.startswith("dense")):
+        lines.append("MoELayer / dense: " + ", ".join(
+            f"{title} {values['minimoe MoELayer'] / values[dense]:.2f}" for title, values in columns))
     return "\n".join(lines)
+
+
+def measure(name: str, args) -> tuple[dict[str, float], dict[str, int] | None]:
+    """(medians, peak memory or None on a GPU) of every implementation of config `name`."""
+    cfg = CONFIGS[name]
+    fns = implementations(cfg, with_token_loop=name == "tiny", device=args.device)
+    x = torch.randn(cfg.tokens, cfg.d_model, device=args.device)
+    check_equal(fns, x)
+    medians = time_side_by_side(fns, x, args.repeats)
+    memory = None if args.device == "cuda" else {n: peak_memory(fn, x) for n, fn in fns.items()}
+    return medians, memory
+
+
+def reuse_column(args) -> dict[str, dict[str, float]]:
+    """{config: medians} measured by this script in a child process with freed memory kept for
+    reuse (glibc reads the MALLOC_* settings only at process start)."""
+    command = [sys.executable, __file__, "--json", "--repeats", str(args.repeats), "--threads", str(args.threads),
+               "--device", args.device, *[f"--config={name}" for name in args.config]]
+    child = subprocess.run(command, env={**os.environ, **REUSE_FREED_MEMORY}, capture_output=True, text=True,
+                           check=True)
+    return json.loads(child.stdout)
 
 
 def main() -> None:
@@ -155,25 +195,30 @@ def main() -> None:
     parser.add_argument("--config", choices=list(CONFIGS), action="append")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--default-malloc", action="store_true", help="keep glibc's allocator defaults")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="only the default-allocator column (no child process with freed memory reused)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # the child's output
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU, and torch sees none")
-    tuned = all(os.environ.get(name) == value for name, value in REUSE_FREED_MEMORY.items())
-    if not args.default_malloc and not tuned:  # glibc reads these only at process start
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **REUSE_FREED_MEMORY})
+    args.config = args.config or ["tiny", "mixtral-like", "fine-grained"]
     torch.set_num_threads(args.threads)
-    allocator = "glibc malloc, freed memory kept for reuse" if tuned else "glibc malloc, default settings"
+    if args.json:
+        print(json.dumps({name: time_side_by_side(implementations(CONFIGS[name], name == "tiny", args.device),
+                                                  torch.randn(CONFIGS[name].tokens, CONFIGS[name].d_model,
+                                                              device=args.device), args.repeats)
+                          for name in args.config}))
+        return
+    tuned = all(os.environ.get(name) == value for name, value in REUSE_FREED_MEMORY.items())
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} threads"
-    print(f"torch {torch.__version__}, {where}, float32, forward+backward, "
-          f"median of {args.repeats} interleaved runs, {allocator}\n")
-    for name in args.config or ["tiny", "mixtral-like", "fine-grained"]:
-        cfg = CONFIGS[name]
-        fns = implementations(cfg, with_token_loop=name == "tiny", device=args.device)
-        x = torch.randn(cfg.tokens, cfg.d_model, device=args.device)
-        check_equal(fns, x)
-        print(report(cfg, time_side_by_side(fns, x, args.repeats)), "\n")
+    allocator = "glibc malloc as set in this environment" if tuned else "glibc malloc, default settings"
+    print(f"torch {torch.__version__}, {where}, float32, forward+backward, median of {args.repeats} interleaved "
+          f"runs; ms: {allocator}" + ("" if args.default_malloc else "; ms reuse: freed memory kept for reuse") + "\n")
+    results = {name: measure(name, args) for name in args.config}
+    reuse = {} if args.default_malloc else reuse_column(args)
+    for name, (medians, memory) in results.items():
+        print(report(CONFIGS[name], medians, reuse.get(name), memory), "\n")
 
 
 if __name__ == "__main__":

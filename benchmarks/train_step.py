@@ -23,8 +23,10 @@ backward, above what was live before.
 import argparse
 import functools
 import statistics
+import sys
 import time
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -37,6 +39,9 @@ from minimoe.layer import MoELayer
 from minimoe.model import MoETransformer, MoETransformerConfig
 from minimoe.routing import Router
 from minimoe.train import SingleProcess, TrainConfig, Trainer
+
+sys.path.insert(0, str(Path(__file__).parent))  # run as a script or loaded from a path by the tests
+from memory import peak_memory  # noqa: E402
 
 SHAPES = {  # chapter 07: model shape, dense FFN width (= k * h), batch size
     "default": (dict(d_model=64, n_layers=2, n_heads=4, seq_len=64), 128, 16),
@@ -141,20 +146,6 @@ def stage_times(trainer: Trainer, steps: int = 3) -> dict[str, float]:
     for event in events:
         totals[stage(event) or "rest of the model"] += event.self_cpu_time_total / 1e3 / steps
     return totals
-
-
-def peak_memory(fn, x: torch.Tensor) -> int:
-    """Highest bytes of CPU memory allocated at once during fn(x).sum().backward(), above the start."""
-    x = x.detach().requires_grad_()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn(x).square().sum().backward()
-    memory = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in memory:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def layer_memory(shape: str, variants=VARIANTS) -> dict[str, int]:

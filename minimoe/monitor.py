@@ -44,8 +44,6 @@ whose gradients are then the sum over the ranks' losses (W times those of the me
 `grad_series` reads them back; the dashboard gains a row for them once there are any.
 """
 
-import math
-
 import numpy as np
 import seaborn as sns
 import torch
@@ -99,22 +97,24 @@ def routing_record(routing: Routing, num_experts: int) -> dict:
     return _fields(routing_stats(routing), float(router_z_loss(routing.logits.detach())))
 
 
-def _sum_of_squares(grad: torch.Tensor | None) -> float:
-    return 0.0 if grad is None else float(grad.detach().double().pow(2).sum())
-
-
-def expert_grad_norms(layer) -> list[float]:
-    """Gradient norm of each expert an MoELayer holds: for expert e, the norm of the .grad slices
-    [e] of w_gate, w_up and w_down taken together (a weight without a .grad counts 0). [E] on one
-    process; under expert parallelism [E / W], this rank's experts (`num_local_experts`)."""
+def _expert_squares(layer) -> torch.Tensor:
+    """[E] float64 on the weights' device: for expert e, the sum of squares of the .grad slices [e]
+    of w_gate, w_up and w_down (a weight without a .grad counts 0). [E / W] under expert
+    parallelism: this rank's experts (`num_local_experts`)."""
     experts = layer.experts
     total = torch.zeros(getattr(experts, "num_local_experts", experts.num_experts), dtype=torch.float64)
     for name in ("w_gate", "w_up", "w_down"):
         weight = getattr(experts, name, None)
-        grad = None if weight is None else weight.grad
-        if grad is not None:
-            total += grad.detach().double().pow(2).reshape(grad.shape[0], -1).sum(1).cpu()
-    return total.sqrt().tolist()
+        if weight is not None and weight.grad is not None:
+            grad = weight.grad.detach()
+            total = total.to(grad.device) + grad.double().pow(2).reshape(grad.shape[0], -1).sum(1)
+    return total
+
+
+def expert_grad_norms(layer) -> list[float]:
+    """Gradient norm of each expert an MoELayer holds: for expert e, the norm of the .grad slices
+    [e] of w_gate, w_up and w_down taken together (a weight without a .grad counts 0)."""
+    return _expert_squares(layer).sqrt().tolist()
 
 
 def diagnose(record: dict) -> str:
@@ -197,11 +197,17 @@ class RoutingMonitor:
     def _record_gradients(self):
         self._grads_queued = False
         # the model's parameters now, not at construction: parallelize() may have swapped the experts
-        grad_norm = math.sqrt(sum(_sum_of_squares(p.grad) for p in self.model.parameters()))
-        step = max(self.steps - 1, 0)
-        for i, layer in enumerate(self.layers):
-            self.grad_records.append(dict(step=step, layer=i, grad_norm=grad_norm,
-                                          expert_grad_norm=expert_grad_norms(layer)))
+        grads = [p.grad.detach() for p in self.model.parameters() if p.grad is not None]
+        device = grads[0].device if grads else torch.device("cpu")
+        total = (torch.stack([g.double().pow(2).sum().to(device) for g in grads]).sum().reshape(1) if grads
+                 else torch.zeros(1, dtype=torch.float64, device=device))
+        experts = [_expert_squares(layer).to(device) for layer in self.layers]
+        values = torch.cat([total, *experts]).sqrt().tolist()  # the one read of the device
+        step, start = max(self.steps - 1, 0), 1
+        for i, squares in enumerate(experts):
+            self.grad_records.append(dict(step=step, layer=i, grad_norm=values[0],
+                                          expert_grad_norm=values[start:start + len(squares)]))
+            start += len(squares)
 
     # ---- lifetime ----
     @property

@@ -41,6 +41,14 @@ def test_timing_reports_a_median_per_implementation():
     assert bench.report(bench.CONFIGS["tiny"], medians).splitlines()[2].split()[-1] == "1.00"
 
 
+def test_layer_report_gives_each_column_its_ratios_and_moe_over_dense():
+    medians = {"minimoe MoELayer": 0.2, "dense SwiGLU": 0.1}
+    table = bench.report(bench.CONFIGS["tiny"], medians, reuse={"minimoe MoELayer": 0.1, "dense SwiGLU": 0.08},
+                         memory={"minimoe MoELayer": 3 * 2**20, "dense SwiGLU": 2 * 2**20}).splitlines()
+    assert table[3].split()[-6:] == ["100.0", "0.50", "80.0", "0.80", "2.0", "0.67"]
+    assert table[4] == "MoELayer / dense: ms 2.00, ms reuse 1.25, peak MB 1.50"
+
+
 step_spec = importlib.util.spec_from_file_location("bench_train_step",
                                                    Path(__file__).parents[1] / "benchmarks" / "train_step.py")
 step_bench = importlib.util.module_from_spec(step_spec)

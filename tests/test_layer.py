@@ -147,6 +147,8 @@ def _count_grouped_mm_calls(monkeypatch) -> list:
     (16, 32, True),   # fp32 rows of 64 and 128 bytes: torch.nn.functional.grouped_mm
     (5, 32, False),   # 20-byte rows: one matmul per expert block
     (16, 6, False),
+    (32, 16, True),   # experts narrower than d_model: minimoe.experts._SwiGLUDown's backward
+    (24, 6, False),
 ])
 def test_grouped_mm_and_fallback_paths_match_loop(monkeypatch, d_model, d_hidden, grouped):
     calls = _count_grouped_mm_calls(monkeypatch)
@@ -175,16 +177,35 @@ def test_experts_compute_k_experts_per_token_not_all_of_them(d_model, k):
 # float64 gradcheck
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("capacity_factor", "num_shared_experts"), [(None, 0), (0.75, 1)])
-def test_gradcheck_float64(monkeypatch, capacity_factor, num_shared_experts):
-    """d_model=4, d_hidden=6 and float64 take the per-expert fallback; the Jacobian w.r.t. x and
-    every parameter (router included) must match finite differences."""
+def _graph_names(tensor: torch.Tensor) -> set[str]:
+    names, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize(("d_model", "d_hidden", "recomputed"), [(16, 32, False), (32, 16, True), (16, 16, True)])
+def test_experts_no_wider_than_d_model_recompute_their_activation(d_model, d_hidden, recomputed):
+    layer = build_layer(d_model=d_model, d_hidden=d_hidden)
+    out = layer(random_input((24, d_model)))
+    assert ("_SwiGLUDownBackward" in _graph_names(out)) == recomputed
+
+
+@pytest.mark.parametrize(("capacity_factor", "num_shared_experts", "d_model", "d_hidden"),
+                         [(None, 0, 4, 6), (0.75, 1, 4, 6), (0.5, 0, 6, 4)])
+def test_gradcheck_float64(monkeypatch, capacity_factor, num_shared_experts, d_model, d_hidden):
+    """float64 and these widths take the per-expert fallback (d_hidden <= d_model: through
+    _SwiGLUDown's hand-written backward); the Jacobian w.r.t. x and every parameter (router
+    included) must match finite differences."""
     calls = _count_grouped_mm_calls(monkeypatch)
-    layer = build_layer(d_model=4, d_hidden=6, num_experts=4, k=2, capacity_factor=capacity_factor,
+    layer = build_layer(d_model=d_model, d_hidden=d_hidden, num_experts=4, k=2, capacity_factor=capacity_factor,
                         num_shared_experts=num_shared_experts, drop_policy="score").double()
     names, params = zip(*((n, p.detach().clone().requires_grad_()) for n, p in layer.named_parameters()),
                          strict=True)
-    x = random_input((6, 4), dtype=torch.float64)
+    x = random_input((6, d_model), dtype=torch.float64)
 
     def forward(x, *params):
         return torch.func.functional_call(layer, dict(zip(names, params, strict=True)), (x,))
