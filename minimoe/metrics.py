@@ -105,9 +105,10 @@ def routing_stats(routing: Routing, plan: DispatchPlan | None = None) -> MoEStat
         raise TypeError(f"routing must be a minimoe.routing.Routing, got {type(routing).__name__}")
     logits = routing.logits.detach()
     tokens, num_experts = logits.shape
-    load = expert_load(routing.expert_idx, num_experts, routing.mask)
+    _checks.expert_ids("routing.expert_idx", routing.expert_idx, num_experts)
+    load, dropped = _routed_load(routing, plan)
     routed = int(load.sum())
-    kept = routed if plan is None else plan.order.numel()
+    kept = routed - dropped
     nan = float("nan")
     logit_max, logit_rms = ((float(logits.max()), float(logits.double().square().mean().sqrt())) if tokens
                             else (nan, nan))
@@ -116,6 +117,14 @@ def routing_stats(routing: Routing, plan: DispatchPlan | None = None) -> MoEStat
         return MoEStats(tokens, load, even, 0, 0.0, 1.0, 0, 0.0, 0.0, logit_max, logit_rms)
     return MoEStats(tokens, load, load.double() / routed, routed - kept, 1.0 - kept / routed, load_entropy(load),
                     dead_experts(load), max_violation(load), coefficient_of_variation(load), logit_max, logit_rms)
+
+
+def _routed_load(routing: Routing, plan: DispatchPlan | None) -> tuple[torch.Tensor, int]:
+    """(load [E] int64 the router sent to each expert, assignments that capacity dropped): the
+    part of `routing_stats` that the Trainer logs every step, without its checks and metrics."""
+    ids = routing.expert_idx if routing.mask is None else routing.expert_idx[routing.mask]
+    load = torch.bincount(ids.reshape(-1).long(), minlength=routing.logits.shape[1])
+    return load, 0 if plan is None or plan.capacity is None else int(load.sum()) - plan.order.numel()
 
 
 def specialization(labels: torch.Tensor, expert_idx: torch.Tensor, num_classes: int,

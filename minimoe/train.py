@@ -268,10 +268,10 @@ class Trainer:
             torch.manual_seed(hash((self.config.seed, self.step, shard)) % 2**63)  # the shard's own noise
             _, loss = model(x.to(device), y.to(device))
         (loss / shards_here).backward()
-        stats = model.routing_stats()
+        loads = [metrics._routed_load(layer.last_routing, layer.last_plan) for layer in model.moe_layers]
         parts = [model.last_losses[name].double().reshape(1) for name in ("task", "aux", "z")]
-        parts += [s.load.to(device, torch.float64) for s in stats]
-        parts.append(torch.tensor([float(s.dropped) for s in stats], dtype=torch.float64, device=device))
+        parts += [load.to(device, torch.float64) for load, _ in loads]
+        parts.append(torch.tensor([float(dropped) for _, dropped in loads], dtype=torch.float64, device=device))
         return torch.cat(parts)
 
     def run(self, steps: int | None = None, progress: bool = True) -> History:

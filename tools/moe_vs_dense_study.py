@@ -53,6 +53,12 @@ VARIANTS = {
     "E16k3_shared": (dict(num_experts=16, k=3, num_shared_experts=1), {}),
     "E16k4_router_lr0.3": (dict(num_experts=16, k=4), dict(router_lr_scale=0.3)),
     "E16k4_scale1": (dict(num_experts=16, k=4, routed_scaling_factor=1.0), {}),
+    "dense_lr2x": (dict(num_experts=1, k=1), dict(lr_scale=2.0)),  # lr and min_lr twice the default
+    "E16k4_lr2x": (dict(num_experts=16, k=4), dict(lr_scale=2.0)),
+    "dense_lr4x": (dict(num_experts=1, k=1), dict(lr_scale=4.0)),
+    "E16k4_lr0.5x": (dict(num_experts=16, k=4), dict(lr_scale=0.5)),
+    "dense_lr0.5x": (dict(num_experts=1, k=1), dict(lr_scale=0.5)),
+    "E16k4_lr0.25x": (dict(num_experts=16, k=4), dict(lr_scale=0.25)),
 }
 
 
@@ -85,7 +91,9 @@ def train_one(job: tuple) -> dict:
     model = MoETransformer(config)
     if recipe.get("legacy_init"):
         legacy_init(model)
+    lr_scale = recipe.get("lr_scale", 1.0)
     train = TrainConfig(steps=steps, batch_size=BATCH[shape], eval_every=max(steps // 10, 1), seed=seed,
+                        lr=TrainConfig.lr * lr_scale, min_lr=TrainConfig.min_lr * lr_scale,
                         router_lr_scale=recipe.get("router_lr_scale", 1.0))
     trainer = Trainer(model, load_corpus(), train)
     if recipe.get("router_decay"):  # the routers back in the decayed group
