@@ -33,6 +33,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import minimoe.layer
+import minimoe.metrics
 from minimoe.data import load_corpus
 from minimoe.experts import FeedForward, GroupedExperts
 from minimoe.layer import MoELayer
@@ -64,7 +65,7 @@ _STAGE_FUNCTIONS = {
     "experts": [(GroupedExperts, "_forward"), (FeedForward, "forward")],
     "unpermute": [(minimoe.layer, "unpermute")],
     "losses and stats": [(minimoe.layer, "_load_balancing_loss"), (minimoe.layer, "router_z_loss"),
-                         (MoETransformer, "routing_stats")],
+                         (minimoe.metrics, "_routed_load"), (MoETransformer, "routing_stats")],
     "optimiser": [(torch.optim.AdamW, "step"), (torch.optim.AdamW, "zero_grad"), (SingleProcess, "clip_grad_norm")],
 }
 

@@ -58,6 +58,7 @@ VARIANTS = {
     "dense_lr4x": (dict(num_experts=1, k=1), dict(lr_scale=4.0)),
     "E16k4_lr0.5x": (dict(num_experts=16, k=4), dict(lr_scale=0.5)),
     "dense_lr0.5x": (dict(num_experts=1, k=1), dict(lr_scale=0.5)),
+    "dense_lr0.25x": (dict(num_experts=1, k=1), dict(lr_scale=0.25)),
     "E16k4_lr0.25x": (dict(num_experts=16, k=4), dict(lr_scale=0.25)),
 }
 
