@@ -131,7 +131,7 @@ def feed_forward(x, w_up, w_down, w_gate=None, activation="swiglu", tokens_per_e
     tokens_per_expert [E] rows per expert). row_weights [S] scales each row's output; being
     linear in the hidden activation, the scaling is applied to the narrower of hidden and output.
     rows [S] (E experts only): the sorted rows are x[rows], gathered inside the first matmul,
-    and the backward keeps x instead of an [S, d] copy.
+    and the backward keeps x instead of an [S, d] copy (except wide swiglu experts, below).
 
     swiglu: (silu(x W_gate) * x W_up) W_down    (Shazeer 2020, used by Mixtral and DeepSeek)
     gelu / relu: act(x W_up) W_down

@@ -141,8 +141,9 @@ class MoELayer(nn.Module):
 
         The inputs are checked here, once; the steps below trust them. The torch backend's
         experts gather their rows inside their first matmul (no permuted [T*k, d] copy is kept
-        for the backward). What still waits for the device (a host sync, a stall on a GPU), each
-        because a shape or a split size depends on the data:
+        for the backward; wide SwiGLU experts, h > d, keep one: `minimoe.experts.feed_forward`).
+        What still waits for the device (a host sync, a stall on a GPU), each because a shape or
+        a split size depends on the data:
           - with a HashRouter, the range check of token_ids;
           - expert choice: the number of slots per token;
           - the plan, with a capacity or a slot mask only: `nonzero` of the kept assignments

@@ -31,6 +31,11 @@ def expert_load(expert_idx: torch.Tensor, num_experts: int, mask: torch.Tensor |
     """expert_idx [T, k] -> [E] int64 assignments per expert (sums to T * k, or mask.sum())."""
     num_experts = _checks.positive_int("num_experts", num_experts)
     _checks.expert_ids("expert_idx", expert_idx, num_experts)
+    return _count(expert_idx, num_experts, mask)
+
+
+def _count(expert_idx: torch.Tensor, num_experts: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """expert_load without its checks."""
     ids = expert_idx if mask is None else expert_idx[mask]
     return torch.bincount(ids.reshape(-1).long(), minlength=num_experts)
 
@@ -122,8 +127,7 @@ def routing_stats(routing: Routing, plan: DispatchPlan | None = None) -> MoEStat
 def _routed_load(routing: Routing, plan: DispatchPlan | None) -> tuple[torch.Tensor, int]:
     """(load [E] int64 the router sent to each expert, assignments that capacity dropped): the
     part of `routing_stats` that the Trainer logs every step, without its checks and metrics."""
-    ids = routing.expert_idx if routing.mask is None else routing.expert_idx[routing.mask]
-    load = torch.bincount(ids.reshape(-1).long(), minlength=routing.logits.shape[1])
+    load = _count(routing.expert_idx, routing.logits.shape[1], routing.mask)
     return load, 0 if plan is None or plan.capacity is None else int(load.sum()) - plan.order.numel()
 
 
