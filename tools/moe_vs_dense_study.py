@@ -5,6 +5,7 @@ chapter draws (mean, spread, validation curves, step times).
     python tools/moe_vs_dense_study.py                      # chapter 07's default shape, 3 seeds
     python tools/moe_vs_dense_study.py --full --steps 3000  # its FULL shape
     python tools/moe_vs_dense_study.py --only dense E16k4   # some variants
+    python tools/moe_vs_dense_study.py --steps 4000 --only dense E16k4 --out course/results/ch07_gap_default_4000.json
 
 Each run is one process with one thread (two run at a time by default, --jobs), so its losses do
 not depend on how busy the machine is; its step times do, and are recorded with the machine's
@@ -27,13 +28,15 @@ import torch
 
 from minimoe.data import load_corpus
 from minimoe.model import MoETransformer, MoETransformerConfig
-from minimoe.train import TrainConfig, Trainer
+from minimoe.train import TrainConfig, Trainer, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"default": dict(d_model=64, n_layers=2, n_heads=4, seq_len=64),
           "full": dict(d_model=96, n_layers=3, n_heads=4, seq_len=96)}
 BATCH = {"default": 16, "full": 24}
 ACTIVE = {"default": 128, "full": 192}  # the dense twin's FFN width = k * d_hidden of every MoE variant
+
+FIXED_EVAL = dict(num_batches=32, batch_size=32, seed=1000)  # 1024 windows, the same for every run
 
 # name -> (config fields, recipe changes); h is derived from k so that k * h = ACTIVE
 VARIANTS = {
@@ -104,11 +107,17 @@ def train_one(job: tuple) -> dict:
     started = time.perf_counter()
     history = trainer.run(progress=False)
     seconds = time.perf_counter() - started
+    # the training loop validates on 8 batches of windows drawn with the run's own seed: seeds
+    # then differ in the text they are measured on, not only in training. The fixed windows below
+    # are the same for every run and cover about the whole validation split; the training split's
+    # loss on as many windows says how much of the validation loss is the train / validation gap
+    fixed = {split: evaluate(model, trainer.corpus, **FIXED_EVAL, split=split) for split in ("val", "train")}
     tokens = BATCH[shape] * config.seq_len
     return {"shape": shape, "variant": name, "seed": seed, "steps": steps,
             "config": asdict(config), "recipe": recipe,
             "params": model.num_params(), "active_params": model.num_params(active=True),
-            "val_step": history.val_step, "val_loss": history.val_loss,
+            "val_step": history.val_step, "val_loss": history.val_loss, "fixed_val_loss": fixed["val"],
+            "fixed_train_loss": fixed["train"],
             "median_step_s": float(np.median([tokens / r for r in history.tokens_per_s])),
             "train_seconds": seconds}
 
@@ -137,7 +146,9 @@ def main() -> None:
                   f"({result['median_step_s'] * 1e3:.1f} ms/step)", flush=True)
             out.write_text(json.dumps({
                 "command": "python tools/moe_vs_dense_study.py" + (" --full" if args.full else "")
-                           + f" --steps {args.steps} --seeds {args.seeds}",
+                           + f" --steps {args.steps} --seeds {args.seeds}"
+                           + (" --only " + " ".join(args.only) if args.only else "")
+                           + (f" --out {out.relative_to(ROOT)}" if args.out else ""),
                 "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                 "torch": str(torch.__version__), "runs": results}, indent=1))
 
