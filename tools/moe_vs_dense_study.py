@@ -148,7 +148,7 @@ def main() -> None:
                 "command": "python tools/moe_vs_dense_study.py" + (" --full" if args.full else "")
                            + f" --steps {args.steps} --seeds {args.seeds}"
                            + (" --only " + " ".join(args.only) if args.only else "")
-                           + (f" --out {out.relative_to(ROOT)}" if args.out else ""),
+                           + (f" --out {args.out}" if args.out else ""),
                 "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                 "torch": str(torch.__version__), "runs": results}, indent=1))
 
