@@ -25,8 +25,8 @@ SECOND_PATH = {"ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"}
 def test_notebook_checked_outputs_hold_on_scalar_kernels_and_one_thread(path):
     env = {**os.environ, **SECOND_PATH}
     env.pop("PYTEST_ADDOPTS", None)
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(path.relative_to(ROOT))],
+    run = subprocess.run(  # -n 0: in this process, no workers of its own
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", str(path.relative_to(ROOT))],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-2000:]
     assert run.returncode == 0, f"{path.name} under {SECOND_PATH}: {summary}\n{run.stdout[-6000:]}"
