@@ -278,7 +278,7 @@ def group_setups(draw):
     return size * n_group, n_group, topk_group, k, draw(st.integers(0, 2**16))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(group_setups(), st.sampled_from(["softmax", "sigmoid"]))
 def test_chosen_experts_are_the_top_k_of_the_chosen_groups(setup, score):
     E, n_group, topk_group, k, seed = setup

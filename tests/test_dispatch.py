@@ -15,7 +15,7 @@ from minimoe.dispatch import DROP_POLICIES, expert_capacity, make_plan, permute,
 from minimoe.reference import kept_assignments
 from minimoe.routing import Routing
 
-PROPERTY = settings(max_examples=100, deadline=None)
+PROPERTY = settings(max_examples=100)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def test_tile_schedule_of_a_hand_worked_case():
     assert rows_of(tiles, counts, 4)[:3] == [[0, 1, 2], [3, 4, 5, 6], [7]]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(st.lists(st.integers(0, 40), min_size=1, max_size=9), st.sampled_from([1, 2, 3, 16, 64]))
 def test_tile_schedule_covers_every_row_once_within_its_expert(counts, block_m):
     counts = torch.tensor(counts)
@@ -108,7 +108,7 @@ def grouped_forward(layer, x, block_m=None):
 
 
 @needs_kernel
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=12)
 @given(num_tokens=st.integers(1, 12), E=st.integers(2, 6), k=st.integers(1, 3), d=st.integers(1, 20),
        h=st.integers(1, 24), capacity_factor=st.sampled_from([None, 0.5, 1.0]),
        unavailable=st.sets(st.integers(0, 5), max_size=2), activation=st.sampled_from(["swiglu", "gelu"]),

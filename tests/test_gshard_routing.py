@@ -106,7 +106,7 @@ def test_eval_mode_keeps_both_experts_deterministically():
     torch.testing.assert_close(layer(x), expected, atol=1e-12, rtol=0)  # rnd = 0: every second expert kept
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(st.integers(2, 9), st.integers(1, 30), st.integers(0, 2**16), st.floats(0.1, 5.0))
 def test_first_expert_always_kept_second_kept_iff_its_draw_allows(num_experts, T, seed, scale):
     gen = torch.Generator().manual_seed(seed)

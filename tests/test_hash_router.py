@@ -32,7 +32,7 @@ def hash_layer(k: int = 1, **kwargs) -> MoELayer:
 # the table
 # ---------------------------------------------------------------------------------------------
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100)
 @given(vocab_size=st.integers(1, 300), num_experts=st.integers(1, 16), data=st.data(),
        seed=st.integers(0, 2**32))
 def test_table_gives_distinct_experts_and_balanced_loads(vocab_size, num_experts, data, seed):

@@ -604,7 +604,7 @@ def test_belady_with_bypass_by_hand(trace, size, hits):
     assert inf.simulate_cache(torch.tensor(trace), size, "belady_bypass").hits == hits
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150)
 @given(st.lists(st.integers(0, 4), min_size=1, max_size=12), st.integers(1, 3))
 def test_belady_is_optimal_among_admitting_caches_and_with_bypass_among_all(requests, size):
     trace = torch.tensor(requests)[:, None]
@@ -639,7 +639,7 @@ def test_prefetch_by_hand(trace, prefetch, size, stats):
     assert result.hit_rate == pytest.approx(stats[0] / sum(len(row) for row in trace))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(st.lists(st.integers(0, 5), min_size=1, max_size=30), st.integers(1, 4))
 def test_prefetch_without_guesses_is_lru_for_one_request_per_step(requests, size):
     trace = torch.tensor(requests)[:, None]

@@ -37,7 +37,7 @@ def test_load_balancing_loss_k2_hand_computed():
     assert load_balancing_loss(probs, expert_idx).item() == pytest.approx(expected)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(T=st.integers(1, 30), E=st.integers(1, 10), data=st.data())
 def test_load_balancing_loss_is_one_for_a_uniform_router_at_any_k(T, E, data):
     k = data.draw(st.integers(1, E))
@@ -119,7 +119,7 @@ def test_expert_load_counts_assignments():
 
 
 @given(T=st.integers(1, 40), E=st.integers(1, 8), seed=st.integers(0, 2**16), data=st.data())
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30)
 def test_expert_load_sums_to_T_times_k(T, E, seed, data):
     k = data.draw(st.integers(1, E))
     expert_idx = torch.rand(T, E, generator=torch.Generator().manual_seed(seed)).topk(k, -1).indices

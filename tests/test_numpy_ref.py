@@ -22,7 +22,7 @@ from minimoe.numpy_ref import (
 )
 from minimoe.routing import TopKRouter
 
-PROPERTY = settings(max_examples=100, deadline=None)
+PROPERTY = settings(max_examples=100)
 CONVENTIONS = [(None, True), (1, True), (2, True), (1, False), (2, False)]  # (k, renormalize)
 
 

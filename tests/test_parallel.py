@@ -239,7 +239,7 @@ def test_cost_concurrency_by_hand(concurrency, hierarchical, microseconds):
                                                                         serial.intra_messages)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(tokens=st.integers(0, 5000), nodes=st.integers(1, 8), per_node=st.sampled_from([1, 2, 4, 8]),
        c=st.integers(1, 70), hierarchical=st.booleans())
 def test_cost_concurrency_properties(tokens, nodes, per_node, c, hierarchical):
