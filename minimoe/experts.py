@@ -80,90 +80,134 @@ class _GatheredMatmul(torch.autograd.Function):
         return grad_x, None, grad_w, None, None
 
 
-class _SwiGLUDown(torch.autograd.Function):
-    """The second half of E SwiGLU experts: gate_up [S, 2h] (x W_gate, x W_up side by side),
-    w_down [E, h, d], row_weights [S] or None -> row_weight * (silu(gate) * up) @ W_down [S, d].
-    The backward keeps only gate_up (autograd would keep silu(gate), the hidden layer and its
-    scaled copy, three more [S, h]) and recomputes the hidden layer from it."""
+CHUNK_ELEMENTS = 1 << 21  # rows per chunk of _SwiGLUExperts: an [rows, max(d, h)] buffer of 8 MB in fp32
+
+
+def _chunks(offsets: torch.Tensor, num_rows: int, width: int):
+    """(start, end, tokens_per_expert, offsets) of consecutive row chunks of about CHUNK_ELEMENTS
+    / width rows, cut anywhere (an expert's block may span chunks; experts outside one get 0 rows)."""
+    size = max(1, CHUNK_ELEMENTS // width)
+    for start in range(0, num_rows, size):
+        end = min(start + size, num_rows)
+        chunk_offsets = (offsets - start).clamp_(0, end - start).to(torch.int32)
+        yield start, end, torch.diff(chunk_offsets, prepend=chunk_offsets.new_zeros(1)), chunk_offsets
+
+
+class _SwiGLUExperts(torch.autograd.Function):
+    """E SwiGLU experts, row_weight * (silu(x W_gate) * x W_up) W_down on rows sorted by expert,
+    computed in chunks of rows so that no [S, d] buffer exists (S = sorted rows):
+      rows None: x [S, d] is the sorted rows; out [S, d].
+      rows [S]: sorted row i is x[rows[i]] (x [T, d], the tokens), gathered chunk by chunk, and
+        its output is added at out[rows[i]] (out [T, d]): the combine of `unpermute` done here.
+    The backward keeps x W_gate and x W_up ([S, h] each, one tensor per chunk; autograd would
+    keep silu(gate), the hidden layer and its scaled copy too) and recomputes the hidden layer."""
 
     @staticmethod
-    def forward(ctx, gate_up, w_down, row_weights, tokens_per_expert, offsets):
-        gate, up = gate_up.chunk(2, -1)
-        hidden = F.silu(gate).mul_(up)
-        if row_weights is not None and hidden.shape[1] <= w_down.shape[2]:  # scale the narrower side
-            hidden.mul_(row_weights[:, None])
-        out = _matmul(hidden, w_down, tokens_per_expert, offsets)
-        if row_weights is not None and hidden.shape[1] > w_down.shape[2]:
-            out.mul_(row_weights[:, None])
-        ctx.save_for_backward(gate_up, w_down, row_weights, tokens_per_expert, offsets)
+    def forward(ctx, x, rows, row_weights, w_gate, w_up, w_down, offsets):
+        num_rows = x.shape[0] if rows is None else rows.shape[0]
+        out_rows = num_rows if rows is None else x.shape[0]
+        out = (x.new_empty if rows is None else x.new_zeros)(out_rows, w_down.shape[2])
+        gates, ups = [], []
+        for start, end, counts, chunk_offsets in _chunks(offsets, num_rows, max(w_down.shape[1:])):
+            x_chunk = _take(x, rows, start, end)
+            gate, up = (_matmul(x_chunk, w, counts, chunk_offsets) for w in (w_gate, w_up))
+            hidden = F.silu(gate).mul_(up)
+            if row_weights is not None:
+                hidden.mul_(row_weights[start:end, None])
+            _put(out, rows, start, end, _matmul(hidden, w_down, counts, chunk_offsets))
+            gates.append(gate)
+            ups.append(up)
+        ctx.save_for_backward(x, rows, row_weights, w_gate, w_up, w_down, offsets, *gates, *ups)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        gate_up, w_down, row_weights, tokens_per_expert, offsets = ctx.saved_tensors
+        x, rows, row_weights, w_gate, w_up, w_down, offsets, *saved = ctx.saved_tensors
+        gates, ups = saved[:len(saved) // 2], saved[len(saved) // 2:]
         grad = grad.contiguous()
-        gate, up = gate_up.chunk(2, -1)
-        # one [S, h] buffer besides gate_up and its gradient, whose two halves hold the hidden
-        # layer (recomputed) and silu(gate) in turn before their own gradients
-        grad_hidden = _matmul(grad, w_down.transpose(1, 2), tokens_per_expert, offsets)  # of the unscaled hidden
-        grad_gate_up = torch.empty_like(gate_up)
-        grad_gate, grad_up = grad_gate_up.chunk(2, -1)
-        grad_weights = grad_w_down = None
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            hidden = F.silu(grad_up.copy_(gate), inplace=True).mul_(up)  # unscaled: out = w * hidden @ W_down
+        need_x, _, need_weights, need_gate, need_up, need_down, _ = ctx.needs_input_grad
+        grad_x = torch.zeros_like(x) if need_x else None
+        grad_weights = torch.empty_like(row_weights) if need_weights else None
+        grad_w = {"gate": None, "up": None, "down": None}
+
+        def accumulate(name, value):
+            grad_w[name] = value if grad_w[name] is None else grad_w[name].add_(value)
+
+        num_rows = x.shape[0] if rows is None else rows.shape[0]
+        chunks = _chunks(offsets, num_rows, max(w_down.shape[1:]))
+        for (start, end, counts, chunk_offsets), gate, up in zip(chunks, gates, ups, strict=True):
+            grad_out = _take(grad, rows, start, end)
+            grad_hidden = _matmul(grad_out, w_down.transpose(1, 2), counts, chunk_offsets)  # of the unscaled hidden
+            silu_gate = F.silu(gate)
+            if need_weights or need_down:
+                hidden = silu_gate * up
+                if need_weights:
+                    grad_weights[start:end] = torch.linalg.vecdot(grad_hidden, hidden)
+                if need_down:
+                    if row_weights is not None:
+                        hidden.mul_(row_weights[start:end, None])
+                    accumulate("down", _weight_grad(hidden, grad_out, w_down, counts, chunk_offsets))
             if row_weights is not None:
-                if ctx.needs_input_grad[2]:
-                    grad_weights = torch.linalg.vecdot(grad_hidden, hidden)
-                hidden.mul_(row_weights[:, None])
-            if ctx.needs_input_grad[1]:
-                grad_w_down = _weight_grad(hidden, grad, w_down, tokens_per_expert, offsets)
-        if row_weights is not None:
-            grad_hidden.mul_(row_weights[:, None])
-        F.silu(grad_up.copy_(gate), inplace=True).mul_(grad_hidden)  # d hidden / d up = silu(gate)
-        torch.ops.aten.silu_backward.grad_input(grad_hidden.mul_(up), gate, grad_input=grad_gate)
-        return grad_gate_up, grad_w_down, grad_weights, None, None
+                grad_hidden.mul_(row_weights[start:end, None])
+            grad_up = silu_gate.mul_(grad_hidden)  # d hidden / d up = silu(gate)
+            grad_gate = torch.ops.aten.silu_backward(grad_hidden.mul_(up), gate)
+            if need_x:
+                _put(grad_x, rows, start, end, _matmul(grad_gate, w_gate.transpose(1, 2), counts, chunk_offsets)
+                     .add_(_matmul(grad_up, w_up.transpose(1, 2), counts, chunk_offsets)))
+            if need_gate or need_up:
+                x_chunk = _take(x, rows, start, end)
+                if need_gate:
+                    accumulate("gate", _weight_grad(x_chunk, grad_gate, w_gate, counts, chunk_offsets))
+                if need_up:
+                    accumulate("up", _weight_grad(x_chunk, grad_up, w_up, counts, chunk_offsets))
+        for name, w, needed in (("gate", w_gate, need_gate), ("up", w_up, need_up), ("down", w_down, need_down)):
+            if needed and grad_w[name] is None:  # no rows at all: a gradient of zeros, as autograd gives
+                grad_w[name] = torch.zeros_like(w)
+        return grad_x, None, grad_weights, grad_w["gate"], grad_w["up"], grad_w["down"], None
+
+
+def _take(x: torch.Tensor, rows: torch.Tensor | None, start: int, end: int) -> torch.Tensor:
+    """Sorted rows start:end: of x itself, or x[rows[start:end]]."""
+    return x[start:end] if rows is None else x.index_select(0, rows[start:end])
+
+
+def _put(out: torch.Tensor, rows: torch.Tensor | None, start: int, end: int, value: torch.Tensor) -> None:
+    """The inverse of _take: out[start:end] = value, or out[rows[start:end]] += value."""
+    if rows is None:
+        out[start:end] = value
+    else:
+        out.index_add_(0, rows[start:end], value)
 
 
 def feed_forward(x, w_up, w_down, w_gate=None, activation="swiglu", tokens_per_expert=None, row_weights=None,
                  rows=None):
     """The FFN of one expert ([a, b] weights) or of E experts on sorted rows ([E, a, b] weights,
-    tokens_per_expert [E] rows per expert). row_weights [S] scales each row's output; being
-    linear in the hidden activation, the scaling is applied to the narrower of hidden and output.
-    rows [S] (E experts only): the sorted rows are x[rows], gathered inside the first matmul,
-    and the backward keeps x instead of an [S, d] copy (except wide swiglu experts, below).
+    tokens_per_expert [E] rows per expert). row_weights [S] scales each row's output.
+    rows [S] (E experts only): x is then the tokens [T, d] and sorted row i is x[rows[i]],
+    gathered inside the first matmul; the output is the tokens' [T, d], row i's output added
+    at rows[i] (the combine of `unpermute`), and no [S, d] copy is kept for the backward.
 
     swiglu: (silu(x W_gate) * x W_up) W_down    (Shazeer 2020, used by Mixtral and DeepSeek)
     gelu / relu: act(x W_up) W_down
 
-    Narrow experts' swiglu (h <= d, fine-grained ones) runs W_gate and W_up as one grouped
-    matmul of [E, d, 2h] (the weights concatenated per call; on a CPU half as many small
-    per-expert products) where grouped_mm takes W_up, then `_SwiGLUDown`, whose backward
-    recomputes the activation instead of keeping it. Wide experts (h > d) gather x[rows] once and
-    run W_gate and W_up as two products: no [E, d, 2h] weight copy and no strided halves of a
-    [S, 2h] buffer (mixtral-like shape: 15% faster and 11% less peak memory than the fused way).
+    E SwiGLU experts run in `_SwiGLUExperts`: in chunks of rows (each buffer at most about
+    8 MB: glibc then reuses freed memory instead of mapping fresh pages for every buffer), and a
+    backward that recomputes the activation instead of keeping it.
     """
     grouped = tokens_per_expert is not None
     offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32) if grouped else None
-
-    def first(w):  # x (gathered by rows) @ w
-        if rows is None:
-            return _matmul(x, w, tokens_per_expert, offsets)
-        return _GatheredMatmul.apply(x, rows, w, tokens_per_expert, offsets)
-
-    if activation == "swiglu" and grouped and w_down.shape[1] <= w_down.shape[2]:  # narrow experts, h <= d
-        gate_up = (first(torch.cat([w_gate, w_up], -1)) if _grouped_mm_supported(x, w_up)
-                   else torch.cat([first(w_gate), first(w_up)], -1))
-        return _SwiGLUDown.apply(gate_up, w_down, row_weights, tokens_per_expert, offsets)
-    if activation == "swiglu" and rows is not None:  # wide experts: two products read one gathered copy
-        x, rows = x.index_select(0, rows), None
-    gate = first(w_gate) if activation == "swiglu" else None
-    up = first(w_up)
+    if activation == "swiglu" and grouped:
+        return _SwiGLUExperts.apply(x, rows, row_weights, w_gate, w_up, w_down, offsets)
+    up = (_matmul(x, w_up, tokens_per_expert, offsets) if rows is None
+          else _GatheredMatmul.apply(x, rows, w_up, tokens_per_expert, offsets))
+    gate = _matmul(x, w_gate, tokens_per_expert, offsets) if activation == "swiglu" else None
     hidden = activate(up, gate, activation)
-    if row_weights is not None and hidden.shape[1] <= x.shape[1]:
+    if row_weights is not None and hidden.shape[1] <= w_down.shape[-1]:  # scale the narrower side
         hidden, row_weights = hidden * row_weights[:, None], None
     out = _matmul(hidden, w_down, tokens_per_expert, offsets)
-    return out if row_weights is None else out * row_weights[:, None]
+    out = out if row_weights is None else out * row_weights[:, None]
+    return out if rows is None else out.new_zeros(x.shape[0], out.shape[1]).index_add_(0, rows, out)
 
 
 def _init_uniform(shape: tuple, fan_in: int) -> nn.Parameter:
@@ -200,8 +244,9 @@ class GroupedExperts(nn.Module):
 
     def _forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor,
                  row_weights: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """forward without checks. rows [S]: x_sorted is then the tokens [T, d] and row i is
-        x_sorted[rows[i]] (gathered inside the first matmul)."""
+        """forward without checks. rows [S]: x_sorted is then the tokens [T, d], row i is
+        x_sorted[rows[i]] (gathered inside the first matmul), and the output is the tokens'
+        [T, d]: row i's output added at rows[i] (the layer's combine, `unpermute`'s sum)."""
         if row_weights is not None:
             row_weights = row_weights.to(x_sorted.dtype)
         return feed_forward(x_sorted, self.w_up, self.w_down, self.w_gate, self.activation,

@@ -140,8 +140,8 @@ class MoELayer(nn.Module):
         """x [..., d_model] (token_ids [...] for a HashRouter) -> same shape as x.
 
         The inputs are checked here, once; the steps below trust them. The torch backend's
-        experts gather their rows inside their first matmul (no permuted [T*k, d] copy is kept
-        for the backward; wide SwiGLU experts, h > d, keep one: `minimoe.experts.feed_forward`).
+        experts gather their rows and add each token's outputs up themselves, chunk by chunk
+        (SwiGLU: `minimoe.experts.feed_forward`): no permuted [T*k, d] buffer, kept or not.
         What still waits for the device (a host sync, a stall on a GPU), each because a shape or
         a split size depends on the data:
           - with a HashRouter, the range check of token_ids;
@@ -171,11 +171,11 @@ class MoELayer(nn.Module):
             # the combine weights scale rows inside the experts, where it is cheapest
             permute_fn, unpermute_fn = _dispatch_functions(self.backend)
             row_weights = sorted_weights(routing.weights, plan)
-            if self.backend == "torch":  # the experts gather their rows inside the first matmul
-                expert_out = self.experts._forward(tokens, plan.tokens_per_expert, row_weights, rows=plan.token_idx)
+            if self.backend == "torch":  # the experts gather their rows and add up each token's outputs
+                out = self.experts._forward(tokens, plan.tokens_per_expert, row_weights, rows=plan.token_idx)
             else:
                 expert_out = self.experts._forward(permute_fn(tokens, plan), plan.tokens_per_expert, row_weights)
-            out = unpermute_fn(expert_out, plan, weights=None)
+                out = unpermute_fn(expert_out, plan, weights=None)
         if self.shared is not None:
             shared = self.shared(tokens)
             if self.shared_gate is not None:

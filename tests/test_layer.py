@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from minimoe import experts as experts_module
 from minimoe.layer import MoELayer
 from minimoe.reference import kept_assignments, moe_loop
 from minimoe.routing import ExpertChoiceRouter, NoisyTopKRouter, SwitchRouter, TopKRouter
@@ -147,7 +148,7 @@ def _count_grouped_mm_calls(monkeypatch) -> list:
     (16, 32, True),   # fp32 rows of 64 and 128 bytes: torch.nn.functional.grouped_mm
     (5, 32, False),   # 20-byte rows: one matmul per expert block
     (16, 6, False),
-    (32, 16, True),   # experts narrower than d_model: minimoe.experts._SwiGLUDown's backward
+    (32, 16, True),   # experts narrower than d_model
     (24, 6, False),
 ])
 def test_grouped_mm_and_fallback_paths_match_loop(monkeypatch, d_model, d_hidden, grouped):
@@ -187,18 +188,31 @@ def _graph_names(tensor: torch.Tensor) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize(("d_model", "d_hidden", "recomputed"), [(16, 32, False), (32, 16, True), (16, 16, True)])
-def test_experts_no_wider_than_d_model_recompute_their_activation(d_model, d_hidden, recomputed):
-    layer = build_layer(d_model=d_model, d_hidden=d_hidden)
-    out = layer(random_input((24, d_model)))
-    assert ("_SwiGLUDownBackward" in _graph_names(out)) == recomputed
+@pytest.mark.parametrize(("activation", "backend", "hand_written"),
+                         [("swiglu", "torch", True), ("gelu", "torch", False), ("relu", "torch", False)])
+def test_swiglu_experts_take_the_chunked_hand_written_backward(activation, backend, hand_written):
+    layer = build_layer(activation=activation, backend=backend)
+    out = layer(random_input((24, D_MODEL)))
+    assert ("_SwiGLUExpertsBackward" in _graph_names(out)) == hand_written
+
+
+@pytest.mark.parametrize(("capacity_factor", "d_model", "d_hidden"), [(None, 16, 32), (0.75, 32, 16), (None, 5, 6)])
+def test_experts_in_many_row_chunks_match_loop(monkeypatch, capacity_factor, d_model, d_hidden):
+    """Chunks of 3 or 4 rows cut through experts' blocks and leave others empty; the outputs
+    and gradients are still moe_loop's (grouped_mm and the per-expert fallback)."""
+    monkeypatch.setattr(experts_module, "CHUNK_ELEMENTS", 100)
+    layer = build_layer(d_model=d_model, d_hidden=d_hidden, capacity_factor=capacity_factor)
+    assert_matches_loop(layer, random_input((24, d_model)))
+    chunked = list(experts_module._chunks(torch.tensor([3, 3, 10, 10]), 10, 32))
+    assert [(a, b, c.tolist()) for a, b, c, _ in chunked] == [(0, 3, [3, 0, 0, 0]), (3, 6, [0, 0, 3, 0]),
+                                                              (6, 9, [0, 0, 3, 0]), (9, 10, [0, 0, 1, 0])]
 
 
 @pytest.mark.parametrize(("capacity_factor", "num_shared_experts", "d_model", "d_hidden"),
                          [(None, 0, 4, 6), (0.75, 1, 4, 6), (0.5, 0, 6, 4)])
 def test_gradcheck_float64(monkeypatch, capacity_factor, num_shared_experts, d_model, d_hidden):
     """float64 and these widths take the per-expert fallback (d_hidden <= d_model: through
-    _SwiGLUDown's hand-written backward); the Jacobian w.r.t. x and every parameter (router
+    _SwiGLUExperts's hand-written backward); the Jacobian w.r.t. x and every parameter (router
     included) must match finite differences."""
     calls = _count_grouped_mm_calls(monkeypatch)
     layer = build_layer(d_model=d_model, d_hidden=d_hidden, num_experts=4, k=2, capacity_factor=capacity_factor,

@@ -106,8 +106,9 @@ class ExpertParallelExperts(GroupedExperts):
 
     def _forward(self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor,
                  row_weights: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = x_sorted
         if rows is not None:  # tokens and the token of each sorted row (GroupedExperts._forward)
-            x_sorted = x_sorted.index_select(0, rows)
+            x_sorted = tokens.index_select(0, rows)
         W, R, group = self.world_size, self.num_local_experts, self.group
         # recv_counts[s, j] = rows rank s sends me for my expert j
         recv_counts = exchange(tokens_per_expert, [R] * W, [R] * W, group, "dispatch: token counts").view(W, R)
@@ -121,7 +122,9 @@ class ExpertParallelExperts(GroupedExperts):
         returned = all_to_all(back, send_splits, recv_splits, group, "combine: tokens")
         bytes_per_row = self.d_model * x_sorted.element_size()
         self.last_exchange = ExchangeStats(self.rank, sent.cpu(), received.cpu(), bytes_per_row)
-        return returned if row_weights is None else returned * row_weights.to(returned.dtype)[:, None]
+        if row_weights is not None:
+            returned = returned * row_weights.to(returned.dtype)[:, None]
+        return returned if rows is None else torch.zeros_like(tokens).index_add_(0, rows, returned)
 
     def extra_repr(self) -> str:
         first, last = self.rank * self.num_local_experts, (self.rank + 1) * self.num_local_experts - 1
