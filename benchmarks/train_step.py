@@ -14,8 +14,9 @@ k * h, the same active FLOPs). Nothing here changes the allocator: this is what 
 The profile attributes the self time of every operator of a few MoE steps to a stage: the
 forward ops by the MoELayer function they run in (wrapped in `record_function` scopes for the
 profile only, so the timed runs carry no profiler hooks), the backward ops by the forward op
-that made their autograd node (same sequence number). MoELayer's torch backend gathers the
-tokens inside the experts' first matmul, so "permute" is then part of "experts" (and reads 0).
+that made their autograd node (same sequence number). "experts" holds the gather of the
+experts' rows, their FFNs and the combine: MoELayer's torch backend does all three inside the
+experts, and the other backends' permute and unpermute are counted there too.
 Peak memory is the highest sum of live CPU allocations the profiler saw during one forward +
 backward, above what was live before.
 """
@@ -49,8 +50,7 @@ SHAPES = {  # chapter 07: model shape, dense FFN width (= k * h), batch size
     "full": (dict(d_model=96, n_layers=3, n_heads=4, seq_len=96), 192, 24),
 }
 VARIANTS = ((8, 2), (16, 4), (32, 8))  # (E, k); h = width // k keeps k * h = the dense width
-STAGES = ("router", "plan", "permute", "experts", "unpermute", "losses and stats", "optimiser",
-          "rest of the model")
+STAGES = ("router", "plan", "experts", "losses and stats", "optimiser", "rest of the model")
 
 
 def _subclasses(cls: type) -> list[type]:
@@ -61,9 +61,8 @@ def _subclasses(cls: type) -> list[type]:
 _STAGE_FUNCTIONS = {
     "router": [(cls, "_route") for cls in _subclasses(Router) if "_route" in vars(cls)],
     "plan": [(minimoe.layer, "_make_plan")],
-    "permute": [(minimoe.layer, "permute")],
-    "experts": [(GroupedExperts, "_forward"), (FeedForward, "forward")],
-    "unpermute": [(minimoe.layer, "unpermute")],
+    "experts": [(GroupedExperts, "_forward"), (FeedForward, "forward"), (minimoe.layer, "permute"),
+                (minimoe.layer, "unpermute")],
     "losses and stats": [(minimoe.layer, "_load_balancing_loss"), (minimoe.layer, "router_z_loss"),
                          (minimoe.metrics, "_routed_load"), (MoETransformer, "routing_stats")],
     "optimiser": [(torch.optim.AdamW, "step"), (torch.optim.AdamW, "zero_grad"), (SingleProcess, "clip_grad_norm")],

@@ -70,10 +70,10 @@ def test_train_step_benchmark_times_profiles_and_reports_every_model():
     stages = {name: step_bench.stage_times(trainer, steps=1) for name, trainer in runs.items()}
     moe, dense = stages["E=4, k=2, h=64"], stages["dense"]
     assert list(moe) == list(step_bench.STAGES)
-    # every wrapped function was found and ran; the torch backend gathers inside the experts' matmul
-    assert moe["permute"] == 0 and all(moe[s] > 0 for s in step_bench.STAGES if s != "permute")
+    # every wrapped function was found and ran
+    assert all(moe[s] > 0 for s in step_bench.STAGES)
     assert dense["experts"] > 0 and dense["optimiser"] > 0
-    assert dense["router"] == dense["plan"] == dense["permute"] == dense["unpermute"] == 0
+    assert dense["router"] == dense["plan"] == 0
     memory = {"dense": 1 << 20, "E=4, k=2, h=64": 3 << 19}
     table = step_bench.report("default", medians, memory).splitlines()
     assert table[0].startswith("default shape: d_model=64") and table[2].split()[-3:] == ["1.00", "1.00", "1.00"]
