@@ -6,6 +6,7 @@ contiguous row blocks: `torch.nn.functional.grouped_mm` where it supports the dt
 widths, else one matmul per expert block. Never a Python loop over tokens.
 """
 
+import bisect
 import math
 
 import torch
@@ -80,17 +81,25 @@ class _GatheredMatmul(torch.autograd.Function):
         return grad_x, None, grad_w, None, None
 
 
-CHUNK_ELEMENTS = 1 << 21  # rows per chunk of _SwiGLUExperts: an [rows, max(d, h)] buffer of 8 MB in fp32
+CHUNK_ELEMENTS = 1 << 20  # rows per chunk of _SwiGLUExperts: an [rows, max(d, h)] buffer of 4 MB in fp32
 
 
 def _chunks(offsets: torch.Tensor, num_rows: int, width: int):
-    """(start, end, tokens_per_expert, offsets) of consecutive row chunks of about CHUNK_ELEMENTS
-    / width rows, cut anywhere (an expert's block may span chunks; experts outside one get 0 rows)."""
+    """(start, end, experts, tokens_per_expert, offsets) of consecutive row chunks of about
+    CHUNK_ELEMENTS / width rows, cut anywhere (an expert's block may span chunks). `experts` is
+    the slice of experts with rows in the chunk, and the counts and offsets are theirs, on a CPU:
+    there grouped_mm runs one product per expert and reads each count on the host anyway, and a
+    weight gradient of all E experts per chunk would be mostly zeros (one host read of the
+    offsets per call). Elsewhere `experts` is every expert (no host sync)."""
     size = max(1, CHUNK_ELEMENTS // width)
+    bounds = offsets.tolist() if offsets.device.type == "cpu" and num_rows > size else None
     for start in range(0, num_rows, size):
         end = min(start + size, num_rows)
-        chunk_offsets = (offsets - start).clamp_(0, end - start).to(torch.int32)
-        yield start, end, torch.diff(chunk_offsets, prepend=chunk_offsets.new_zeros(1)), chunk_offsets
+        experts = slice(None)
+        if bounds is not None:  # first expert whose block ends after start, last one starting before end
+            experts = slice(bisect.bisect_right(bounds, start), bisect.bisect_left(bounds, end) + 1)
+        chunk_offsets = (offsets[experts] - start).clamp_(0, end - start).to(torch.int32)
+        yield start, end, experts, torch.diff(chunk_offsets, prepend=chunk_offsets.new_zeros(1)), chunk_offsets
 
 
 class _SwiGLUExperts(torch.autograd.Function):
@@ -108,37 +117,43 @@ class _SwiGLUExperts(torch.autograd.Function):
         out_rows = num_rows if rows is None else x.shape[0]
         out = (x.new_empty if rows is None else x.new_zeros)(out_rows, w_down.shape[2])
         gates, ups = [], []
-        for start, end, counts, chunk_offsets in _chunks(offsets, num_rows, max(w_down.shape[1:])):
+        ctx.chunks = list(_chunks(offsets, num_rows, max(w_down.shape[1:])))
+        for start, end, experts, counts, chunk_offsets in ctx.chunks:
             x_chunk = _take(x, rows, start, end)
-            gate, up = (_matmul(x_chunk, w, counts, chunk_offsets) for w in (w_gate, w_up))
+            gate, up = (_matmul(x_chunk, w[experts], counts, chunk_offsets) for w in (w_gate, w_up))
             hidden = F.silu(gate).mul_(up)
             if row_weights is not None:
                 hidden.mul_(row_weights[start:end, None])
-            _put(out, rows, start, end, _matmul(hidden, w_down, counts, chunk_offsets))
+            _put(out, rows, start, end, _matmul(hidden, w_down[experts], counts, chunk_offsets))
             gates.append(gate)
             ups.append(up)
-        ctx.save_for_backward(x, rows, row_weights, w_gate, w_up, w_down, offsets, *gates, *ups)
+        ctx.save_for_backward(x, rows, row_weights, w_gate, w_up, w_down, *gates, *ups)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x, rows, row_weights, w_gate, w_up, w_down, offsets, *saved = ctx.saved_tensors
+        x, rows, row_weights, w_gate, w_up, w_down, *saved = ctx.saved_tensors
         gates, ups = saved[:len(saved) // 2], saved[len(saved) // 2:]
         grad = grad.contiguous()
         need_x, _, need_weights, need_gate, need_up, need_down, _ = ctx.needs_input_grad
         grad_x = torch.zeros_like(x) if need_x else None
         grad_weights = torch.empty_like(row_weights) if need_weights else None
-        grad_w = {"gate": None, "up": None, "down": None}
+        weights = {"gate": w_gate, "up": w_up, "down": w_down}
+        grad_w = dict.fromkeys(weights)
 
-        def accumulate(name, value):
-            grad_w[name] = value if grad_w[name] is None else grad_w[name].add_(value)
+        def accumulate(name, experts, value):  # value: the gradient of weights[name][experts]
+            if grad_w[name] is None and experts == slice(None):
+                grad_w[name] = value
+            else:
+                if grad_w[name] is None:
+                    grad_w[name] = torch.zeros_like(weights[name])
+                grad_w[name][experts].add_(value)
 
-        num_rows = x.shape[0] if rows is None else rows.shape[0]
-        chunks = _chunks(offsets, num_rows, max(w_down.shape[1:]))
-        for (start, end, counts, chunk_offsets), gate, up in zip(chunks, gates, ups, strict=True):
+        for (start, end, experts, counts, chunk_offsets), gate, up in zip(ctx.chunks, gates, ups, strict=True):
+            w_gate_e, w_up_e, w_down_e = w_gate[experts], w_up[experts], w_down[experts]
             grad_out = _take(grad, rows, start, end)
-            grad_hidden = _matmul(grad_out, w_down.transpose(1, 2), counts, chunk_offsets)  # of the unscaled hidden
+            grad_hidden = _matmul(grad_out, w_down_e.transpose(1, 2), counts, chunk_offsets)  # of the unscaled hidden
             silu_gate = F.silu(gate)
             if need_weights or need_down:
                 hidden = silu_gate * up
@@ -147,23 +162,23 @@ class _SwiGLUExperts(torch.autograd.Function):
                 if need_down:
                     if row_weights is not None:
                         hidden.mul_(row_weights[start:end, None])
-                    accumulate("down", _weight_grad(hidden, grad_out, w_down, counts, chunk_offsets))
+                    accumulate("down", experts, _weight_grad(hidden, grad_out, w_down_e, counts, chunk_offsets))
             if row_weights is not None:
                 grad_hidden.mul_(row_weights[start:end, None])
             grad_up = silu_gate.mul_(grad_hidden)  # d hidden / d up = silu(gate)
             grad_gate = torch.ops.aten.silu_backward(grad_hidden.mul_(up), gate)
             if need_x:
-                _put(grad_x, rows, start, end, _matmul(grad_gate, w_gate.transpose(1, 2), counts, chunk_offsets)
-                     .add_(_matmul(grad_up, w_up.transpose(1, 2), counts, chunk_offsets)))
+                _put(grad_x, rows, start, end, _matmul(grad_gate, w_gate_e.transpose(1, 2), counts, chunk_offsets)
+                     .add_(_matmul(grad_up, w_up_e.transpose(1, 2), counts, chunk_offsets)))
             if need_gate or need_up:
                 x_chunk = _take(x, rows, start, end)
                 if need_gate:
-                    accumulate("gate", _weight_grad(x_chunk, grad_gate, w_gate, counts, chunk_offsets))
+                    accumulate("gate", experts, _weight_grad(x_chunk, grad_gate, w_gate_e, counts, chunk_offsets))
                 if need_up:
-                    accumulate("up", _weight_grad(x_chunk, grad_up, w_up, counts, chunk_offsets))
-        for name, w, needed in (("gate", w_gate, need_gate), ("up", w_up, need_up), ("down", w_down, need_down)):
+                    accumulate("up", experts, _weight_grad(x_chunk, grad_up, w_up_e, counts, chunk_offsets))
+        for name, needed in (("gate", need_gate), ("up", need_up), ("down", need_down)):
             if needed and grad_w[name] is None:  # no rows at all: a gradient of zeros, as autograd gives
-                grad_w[name] = torch.zeros_like(w)
+                grad_w[name] = torch.zeros_like(weights[name])
         return grad_x, None, grad_weights, grad_w["gate"], grad_w["up"], grad_w["down"], None
 
 

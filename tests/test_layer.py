@@ -203,17 +203,23 @@ def test_experts_in_many_row_chunks_match_loop(monkeypatch, capacity_factor, d_m
     monkeypatch.setattr(experts_module, "CHUNK_ELEMENTS", 100)
     layer = build_layer(d_model=d_model, d_hidden=d_hidden, capacity_factor=capacity_factor)
     assert_matches_loop(layer, random_input((24, d_model)))
+    # on a CPU each chunk runs only the experts it has rows of (expert 1 is empty, 3 starts at 10)
     chunked = list(experts_module._chunks(torch.tensor([3, 3, 10, 10]), 10, 32))
-    assert [(a, b, c.tolist()) for a, b, c, _ in chunked] == [(0, 3, [3, 0, 0, 0]), (3, 6, [0, 0, 3, 0]),
-                                                              (6, 9, [0, 0, 3, 0]), (9, 10, [0, 0, 1, 0])]
+    assert [(a, b, e, c.tolist(), o.tolist()) for a, b, e, c, o in chunked] == [
+        (0, 3, slice(0, 1), [3], [3]), (3, 6, slice(2, 3), [3], [3]),
+        (6, 9, slice(2, 3), [3], [3]), (9, 10, slice(2, 3), [1], [1])]
+    chunked = list(experts_module._chunks(torch.tensor([2, 4, 4, 6]), 6, 32))  # blocks of 2, 2, 0, 2 rows
+    assert [(e, c.tolist()) for _, _, e, c, _ in chunked] == [(slice(0, 2), [2, 1]), (slice(1, 4), [1, 0, 2])]
 
 
-@pytest.mark.parametrize(("capacity_factor", "num_shared_experts", "d_model", "d_hidden"),
-                         [(None, 0, 4, 6), (0.75, 1, 4, 6), (0.5, 0, 6, 4)])
-def test_gradcheck_float64(monkeypatch, capacity_factor, num_shared_experts, d_model, d_hidden):
-    """float64 and these widths take the per-expert fallback (d_hidden <= d_model: through
-    _SwiGLUExperts's hand-written backward); the Jacobian w.r.t. x and every parameter (router
-    included) must match finite differences."""
+@pytest.mark.parametrize(("capacity_factor", "num_shared_experts", "d_model", "d_hidden", "chunk_rows"),
+                         [(None, 0, 4, 6, None), (0.75, 1, 4, 6, None), (0.5, 0, 6, 4, None), (None, 0, 4, 6, 2)])
+def test_gradcheck_float64(monkeypatch, capacity_factor, num_shared_experts, d_model, d_hidden, chunk_rows):
+    """float64 and these widths take the per-expert fallback, through _SwiGLUExperts's
+    hand-written backward (in one chunk, or chunk_rows rows at a time); the Jacobian w.r.t. x and
+    every parameter (router included) must match finite differences."""
+    if chunk_rows is not None:
+        monkeypatch.setattr(experts_module, "CHUNK_ELEMENTS", chunk_rows * max(d_model, d_hidden))
     calls = _count_grouped_mm_calls(monkeypatch)
     layer = build_layer(d_model=d_model, d_hidden=d_hidden, num_experts=4, k=2, capacity_factor=capacity_factor,
                         num_shared_experts=num_shared_experts, drop_policy="score").double()
