@@ -115,12 +115,13 @@ class _SwiGLUExperts(torch.autograd.Function):
     def forward(ctx, x, rows, row_weights, w_gate, w_up, w_down, offsets):
         num_rows = x.shape[0] if rows is None else rows.shape[0]
         out_rows = num_rows if rows is None else x.shape[0]
-        out = (x.new_empty if rows is None else x.new_zeros)(out_rows, w_down.shape[2])
+        out = x.new_zeros(out_rows, w_down.shape[2])
         gates, ups = [], []
         ctx.chunks = list(_chunks(offsets, num_rows, max(w_down.shape[1:])))
         for start, end, experts, counts, chunk_offsets in ctx.chunks:
             x_chunk = _take(x, rows, start, end)
             gate, up = (_matmul(x_chunk, w[experts], counts, chunk_offsets) for w in (w_gate, w_up))
+            del x_chunk  # each [rows, d] buffer is freed before the next one is made
             hidden = F.silu(gate).mul_(up)
             if row_weights is not None:
                 hidden.mul_(row_weights[start:end, None])
@@ -154,22 +155,23 @@ class _SwiGLUExperts(torch.autograd.Function):
             w_gate_e, w_up_e, w_down_e = w_gate[experts], w_up[experts], w_down[experts]
             grad_out = _take(grad, rows, start, end)
             grad_hidden = _matmul(grad_out, w_down_e.transpose(1, 2), counts, chunk_offsets)  # of the unscaled hidden
-            silu_gate = F.silu(gate)
             if need_weights or need_down:
-                hidden = silu_gate * up
+                hidden = F.silu(gate).mul_(up)  # recomputed
                 if need_weights:
                     grad_weights[start:end] = torch.linalg.vecdot(grad_hidden, hidden)
                 if need_down:
                     if row_weights is not None:
                         hidden.mul_(row_weights[start:end, None])
                     accumulate("down", experts, _weight_grad(hidden, grad_out, w_down_e, counts, chunk_offsets))
+                del hidden
+            del grad_out
             if row_weights is not None:
                 grad_hidden.mul_(row_weights[start:end, None])
-            grad_up = silu_gate.mul_(grad_hidden)  # d hidden / d up = silu(gate)
-            grad_gate = torch.ops.aten.silu_backward(grad_hidden.mul_(up), gate)
+            grad_up = F.silu(gate).mul_(grad_hidden)  # d hidden / d up = silu(gate)
+            grad_gate = torch.ops.aten.silu_backward.grad_input(grad_hidden.mul_(up), gate, grad_input=grad_hidden)
             if need_x:
-                _put(grad_x, rows, start, end, _matmul(grad_gate, w_gate_e.transpose(1, 2), counts, chunk_offsets)
-                     .add_(_matmul(grad_up, w_up_e.transpose(1, 2), counts, chunk_offsets)))
+                for grad_a, w in ((grad_gate, w_gate_e), (grad_up, w_up_e)):
+                    _put(grad_x, rows, start, end, _matmul(grad_a, w.transpose(1, 2), counts, chunk_offsets))
             if need_gate or need_up:
                 x_chunk = _take(x, rows, start, end)
                 if need_gate:
@@ -188,9 +190,9 @@ def _take(x: torch.Tensor, rows: torch.Tensor | None, start: int, end: int) -> t
 
 
 def _put(out: torch.Tensor, rows: torch.Tensor | None, start: int, end: int, value: torch.Tensor) -> None:
-    """The inverse of _take: out[start:end] = value, or out[rows[start:end]] += value."""
+    """The transpose of _take: out[start:end] += value, or out[rows[start:end]] += value."""
     if rows is None:
-        out[start:end] = value
+        out[start:end] += value
     else:
         out.index_add_(0, rows[start:end], value)
 
