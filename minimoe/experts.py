@@ -209,7 +209,7 @@ def feed_forward(x, w_up, w_down, w_gate=None, activation="swiglu", tokens_per_e
     gelu / relu: act(x W_up) W_down
 
     E SwiGLU experts run in `_SwiGLUExperts`: in chunks of rows (each buffer at most about
-    8 MB: glibc then reuses freed memory instead of mapping fresh pages for every buffer), and a
+    4 MB: glibc then reuses freed memory instead of mapping fresh pages for every buffer), and a
     backward that recomputes the activation instead of keeping it.
     """
     grouped = tokens_per_expert is not None

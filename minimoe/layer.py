@@ -149,7 +149,8 @@ class MoELayer(nn.Module):
           - the plan, with a capacity or a slot mask only: `nonzero` of the kept assignments
             (S rows) and the boolean selections (dropless top-k routing has S = T * k: no sync);
           - the experts, where torch.nn.functional.grouped_mm cannot run (dtype, widths): the
-            split sizes as Python ints (on a CPU, grouped_mm itself reads its offsets);
+            split sizes as Python ints (on a CPU, grouped_mm itself reads its offsets, and the
+            SwiGLU experts read them once to give each row chunk only its own experts);
           - expert-parallel experts (minimoe.parallel): the split sizes of the two all-to-alls.
         The counts (plan, aux loss) are index_adds, not bincount (which syncs on CUDA). `stats`
         is computed on first read, not here.
