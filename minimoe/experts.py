@@ -81,7 +81,7 @@ class _GatheredMatmul(torch.autograd.Function):
         return grad_x, None, grad_w, None, None
 
 
-CHUNK_ELEMENTS = 1 << 20  # rows per chunk of _SwiGLUExperts: an [rows, max(d, h)] buffer of 4 MB in fp32
+CHUNK_ELEMENTS = 1 << 20  # _SwiGLUExperts' chunk: rows * max(d, h) numbers, a buffer of 4 MB in fp32
 
 
 def _chunks(offsets: torch.Tensor, num_rows: int, width: int):

@@ -2,6 +2,8 @@
 output from the same weights (the dense FFN, a different function, is excluded)."""
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,17 @@ import torch
 spec = importlib.util.spec_from_file_location("bench_layer", Path(__file__).parents[1] / "benchmarks" / "layer.py")
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
+
+
+def test_no_benchmark_script_shadows_an_installed_module():
+    """The scripts put benchmarks/ first on sys.path (for their shared helper), so a script named
+    like an installed package hides it from everything imported later: a benchmarks/kernels.py
+    hid Hugging Face's `kernels`, which transformers 5.25 imports."""
+    names = sorted(path.stem for path in (Path(__file__).parents[1] / "benchmarks").glob("*.py"))
+    probe = "import importlib.util, sys; print([n for n in sys.argv[1:] if importlib.util.find_spec(n)])"
+    found = subprocess.run([sys.executable, "-I", "-c", probe, *names], capture_output=True, text=True,
+                           check=True, cwd="/").stdout.strip()
+    assert found == "[]", f"benchmarks/ scripts named like installed modules: {found}"
 
 
 def test_all_timed_moe_implementations_agree_on_the_tiny_config():

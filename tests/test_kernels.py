@@ -298,7 +298,7 @@ print("compiled")
     assert out.strip() == "compiled"
 
 
-spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "kernels.py")
+spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "benchmarks" / "dispatch_kernels.py")
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 

@@ -2,7 +2,7 @@
 # The checks that need a CUDA GPU, in one command (about 5-10 minutes on one H100-class GPU):
 #   1. the Triton tests compiled, not interpreted: the grouped GEMM, the dispatch kernels and the
 #      chapter-11 checks (tests/conftest.py sets TRITON_INTERPRET only when no GPU is present);
-#   2. benchmarks/kernels.py: the permute / combine kernels' GB/s against a device copy;
+#   2. benchmarks/dispatch_kernels.py: the permute / combine kernels' GB/s against a device copy;
 #   3. benchmarks/layer.py --device cuda: MoELayer forward + backward with the torch, triton and
 #      triton_gemm backends, beside HF's Mixtral block and the dense FFN.
 # Everything goes into one markdown report (default gpu_report.md), each step under its own
@@ -46,7 +46,7 @@ step() {  # step TITLE SECONDS COMMAND...: run one step, its output as a code bl
 
 step "Compiled Triton tests" 240 "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts="" \
     tests/test_grouped_gemm.py tests/test_kernels.py tests/test_checks_ch11.py
-step "benchmarks/kernels.py" 120 "$PYTHON" benchmarks/kernels.py
+step "benchmarks/dispatch_kernels.py" 120 "$PYTHON" benchmarks/dispatch_kernels.py
 step "benchmarks/layer.py --device cuda" 180 "$PYTHON" benchmarks/layer.py --device cuda --config mixtral-like \
     --config fine-grained
 

@@ -1,8 +1,8 @@
 """GB/s of minimoe's Triton permute and unpermute kernels on a CUDA GPU, side by side with torch's
 index_select / index_add_ and with a device-to-device copy of the same bytes (the limit).
 
-    python benchmarks/kernels.py                          # bf16, k=2, E=8, several T and d
-    python benchmarks/kernels.py --dtype float32 --k 8 --tokens 8192 --widths 2048
+    python benchmarks/dispatch_kernels.py                          # bf16, k=2, E=8, several T and d
+    python benchmarks/dispatch_kernels.py --dtype float32 --k 8 --tokens 8192 --widths 2048
 
 Bytes are the least any implementation must move, counted alike for all of them: permute reads
 each token once and writes its k copies, unpermute reads the k rows and writes their sum, so each
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.tokens + args.widths) < 1:
         parser.error(f"--tokens and --widths must be >= 1, got {args.tokens} and {args.widths}")
     if not torch.cuda.is_available() or kernels.MODE != "compiled":
-        print(f"benchmarks/kernels.py needs a CUDA GPU with Triton compiling kernels (here: kernels "
+        print(f"benchmarks/dispatch_kernels.py needs a CUDA GPU with Triton compiling kernels (here: kernels "
               f"MODE={kernels.MODE!r}, CUDA available: {torch.cuda.is_available()}). Nothing to measure; "
               "tests/test_kernels.py checks the kernels' results on CPU under the Triton interpreter.")
         return 0
